@@ -1,0 +1,3 @@
+"""jaxrec: large sparse recommendation models in JAX."""
+
+__version__ = "0.1.0"

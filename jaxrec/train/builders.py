@@ -1,0 +1,98 @@
+"""Turns a config into the objects a run needs: data stream, embedding plan, model, optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrec import models
+from jaxrec.data import synthetic
+from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec
+from jaxrec.embedding.stacked import StackedEmbedding
+
+
+def synthetic_stream(data_cfg) -> synthetic.SyntheticCriteo:
+  presets = {
+      "kaggle": synthetic.SyntheticConfig,
+      "small": lambda **kw: synthetic.small_config(**kw),
+  }
+  if data_cfg.preset not in presets:
+    raise ValueError(f"config.data.preset={data_cfg.preset!r}; expected one of {sorted(presets)}")
+  overrides = dict(data_cfg.get("synthetic", {}) or {})
+  for k in ("cardinalities", "max_ids"):
+    if overrides.get(k) is not None:
+      overrides[k] = tuple(overrides[k])
+  fields = {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"config.data.synthetic has unknown fields {unknown}; known: {sorted(fields)}")
+  return synthetic.SyntheticCriteo(presets[data_cfg.preset](seed=data_cfg.seed, **overrides))
+
+
+def table_rows(cardinality: int | None, emb_cfg) -> int:
+  """Rows of a hashed table: a few times the vocabulary (few collisions), capped."""
+  if cardinality is None:
+    return int(emb_cfg.max_rows)
+  return int(min(emb_cfg.max_rows, max(emb_cfg.min_rows, math.ceil(cardinality * emb_cfg.rows_factor))))
+
+
+def embedding_plan(layout, cardinalities, emb_cfg, dim: int) -> StackedEmbedding:
+  opt = SparseOptimizer(name=emb_cfg.optimizer, learning_rate=emb_cfg.learning_rate,
+                        initial_accumulator=emb_cfg.get("initial_accumulator", 0.0),
+                        eps=emb_cfg.get("eps", 1e-8))
+  tables, features = [], []
+  for f, name in enumerate(layout.names):
+    card = cardinalities[f] if cardinalities is not None else None
+    tables.append(TableSpec(name=f"t_{name}", rows=table_rows(card, emb_cfg), dim=dim,
+                            optimizer=opt, init_scale=emb_cfg.get("init_scale", None)))
+    features.append(FeatureSpec(name=name, table=f"t_{name}", pooling=emb_cfg.pooling,
+                                max_ids=layout.max_ids[f]))
+  return StackedEmbedding(tables, features)
+
+
+def dense_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+  warmup = int(opt_cfg.warmup_steps)
+  lr = opt_cfg.learning_rate
+  if opt_cfg.get("decay", "constant") == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1),
+                                                  end_value=lr * 0.05)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)])
+  name = opt_cfg.name
+  if name == "adam":
+    return optax.adam(schedule)
+  if name == "adagrad":
+    return optax.adagrad(schedule, initial_accumulator_value=opt_cfg.get("initial_accumulator", 0.1))
+  if name == "sgd":
+    return optax.sgd(schedule)
+  raise ValueError(f"config.optimizer.name={name!r}; expected adam, adagrad or sgd")
+
+
+def compute_dtype(name: str | None):
+  if name in (None, "", "float32"):
+    return None
+  if name == "bfloat16":
+    return jnp.bfloat16
+  raise ValueError(f"config.model.compute_dtype={name!r}; expected float32 or bfloat16")
+
+
+def build_model(model_cfg, num_dense: int, num_sparse: int, seed: int) -> nnx.Module:
+  return models.build_model(
+      model_cfg.name, num_dense=num_dense, num_sparse=num_sparse,
+      embedding_dim=model_cfg.embedding_dim, bottom_mlp=tuple(model_cfg.bottom_mlp),
+      top_mlp=tuple(model_cfg.top_mlp), rngs=nnx.Rngs(seed),
+      compute_dtype=compute_dtype(model_cfg.get("compute_dtype")))
+
+
+def device_batch(batch) -> dict:
+  """Host Batch -> dict of arrays the step takes (IDs as uint32 pairs)."""
+  return {"dense": batch.dense, "ids": batch.ids_as_u32_pairs(), "mask": batch.mask,
+          "labels": batch.labels}
