@@ -9,10 +9,10 @@ Transforms: ``I -> float32(log(1 + max(x, 0)))`` with empty -> 0; ``C -> feature
 int(hex, 16))`` with empty -> ``missing_id(f)``, so every categorical slot holds a real ID and
 ``mask`` is all True.
 
-Parsing works on byte chunks of whole lines (a few MiB, tens of thousands of lines) and is
+Parsing works on byte chunks of whole lines (1 MiB, about 4k lines, by default) and is
 vectorised with numpy over the chunk: delimiter positions give every field's byte span, and
-the digits are decoded column-wise from those spans. No per-field Python objects are made,
-so memory stays constant and the rate is several hundred thousand rows per second per core.
+each field's first 8 bytes are checked and decoded as one uint64 (SWAR). No per-field Python
+objects are made, so memory stays constant; one core parses a few hundred thousand rows/s.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ _PAD = b"\0" * 16  # lets every field's 8-byte (or 16-byte) word be read past th
 # SWAR ("SIMD within a register"): a field's first 8 bytes are read as one little-endian
 # uint64 and all 8 characters are checked and decoded at once with whole-word arithmetic.
 _U64 = np.uint64
-_ONES = _U64(0x0101010101010101)
 _HIGH = _U64(0x8080808080808080)
 _ZEROS = _U64(0x3030303030303030)  # eight ASCII "0"
 _n = np.arange(9)
@@ -133,10 +132,21 @@ class ReaderStats:
   files_read: int = 0
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+# A "line" longer than this is not Criteo text (real lines are under 1 KiB); stop rather than
+# buffer an unbounded amount of memory looking for its end.
+_MAX_LINE_BYTES = 16 << 20
+
+
 def _open(path: str) -> BinaryIO:
-  if str(path).endswith(".gz"):
-    return gzip.open(path, "rb")
-  return open(path, "rb")
+  # Sniff the magic bytes rather than trust the suffix: a renamed .gz is still gzip.
+  with open(path, "rb") as f:
+    is_gzip = f.read(2) == _GZIP_MAGIC
+  return gzip.open(path, "rb") if is_gzip else open(path, "rb")
+
+
+class _LineTooLong(Exception):
+  pass
 
 
 def _iter_chunks(f: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
@@ -152,6 +162,8 @@ def _iter_chunks(f: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
     data = tail + data
     cut = data.rfind(b"\n") + 1
     tail = data[cut:]
+    if len(tail) > _MAX_LINE_BYTES:
+      raise _LineTooLong()
     if cut:
       yield _crlf_to_lf(data[:cut])
   if tail:
@@ -181,16 +193,17 @@ class CriteoReader:
   """Streams Criteo files as Batches of ``batch_size`` rows.
 
   Args:
-    paths: one path or a sequence; ``*.gz`` files are read through gzip. Batches run across
-      file boundaries, in the order given.
+    paths: one path or a sequence; gzip files (detected by their magic bytes) are
+      decompressed on the fly. Batches run across file boundaries, in the order given.
     batch_size: rows per Batch.
     has_label: False for the 39-field Kaggle ``test.txt`` form; labels are then NaN, so an
       unlabeled file cannot be trained on by accident (the loss becomes NaN at once).
-    bad_rows: "error" raises CriteoFormatError at the first malformed row (batches of the
-      rows before it are yielded first); "skip" drops malformed rows and counts them in
-      ``stats``.
+    bad_rows: "error" raises CriteoFormatError at the first malformed row (the full
+      batches of rows before it are yielded first); "skip" drops malformed rows and counts
+      them in ``stats`` (``bad_rows``, ``bad_rows_by_reason``, ``bad_row_examples``).
     drop_remainder: drop the last batch if it is smaller than ``batch_size``.
-    chunk_bytes: bytes parsed at a time (about 4 KiB per 16 lines of Criteo text).
+    chunk_bytes: bytes parsed at a time (Criteo lines are about 250 bytes); 1 MiB keeps the
+      numpy temporaries in cache, which beats larger chunks by a third.
     max_bad_examples: how many bad rows ``stats.bad_row_examples`` keeps.
 
   Iterating again starts from the first file and resets ``stats``.
@@ -198,7 +211,7 @@ class CriteoReader:
 
   def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int,
                *, has_label: bool = True, bad_rows: str = "error",
-               drop_remainder: bool = False, chunk_bytes: int = 8 << 20,
+               drop_remainder: bool = False, chunk_bytes: int = 1 << 20,
                max_bad_examples: int = 10):
     if isinstance(paths, (str, os.PathLike)):
       paths = [paths]
@@ -233,7 +246,17 @@ class CriteoReader:
     for path in self.paths:
       line_base = 0
       with _open(path) as f:
-        for blob in _iter_chunks(f, self.chunk_bytes):
+        chunks = _iter_chunks(f, self.chunk_bytes)
+        while True:
+          try:
+            blob = next(chunks)
+          except StopIteration:
+            break
+          except _LineTooLong:
+            raise CriteoFormatError(
+                path, line_base + 1, None,
+                f"no line end within {_MAX_LINE_BYTES >> 20} MiB; is this a Criteo text "
+                f"file (tab-separated, one example a line)?") from None
           chunk = self._parse_chunk(blob)
           first_error = self._account_bad_rows(path, line_base, chunk)
           line_base += chunk.num_lines

@@ -33,5 +33,9 @@ def feature_ids(feature_index: int, raw: np.ndarray) -> np.ndarray:
 
 
 def missing_id(feature_index: int) -> np.uint64:
-  """The ID a feature takes when its value is absent (an empty Criteo field)."""
+  """The ID a feature takes when its value is absent (an empty Criteo field).
+
+  It equals ``feature_ids(feature_index, 2**64 - 1)``: that one raw value is reserved for
+  "missing" (real Criteo values are 32-bit, so no real value is affected).
+  """
   return splitmix64(feature_salt(feature_index) ^ np.uint64(0xFFFFFFFFFFFFFFFF))

@@ -1,0 +1,91 @@
+"""The synthetic stream: determinism, random access, heavy tails, drift, bags, planted truth."""
+
+import numpy as np
+import pytest
+
+from jaxrec.data import hashing
+from jaxrec.data.synthetic import SyntheticConfig, SyntheticCriteo, small_config
+from jaxrec.train.metrics import auc
+
+
+def test_deterministic_and_random_access():
+  g1 = SyntheticCriteo(small_config(seed=3))
+  g2 = SyntheticCriteo(small_config(seed=3))
+  a = g1.examples(5000, 9000)                   # crosses a block boundary (4096)
+  b = g2.examples(5000, 9000)
+  for f in ("dense", "ids", "mask", "labels"):
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+  # Any sub-range regenerates exactly; batches() is the same stream.
+  sub = g1.examples(6000, 6100)
+  np.testing.assert_array_equal(sub.ids, a.ids[1000:1100])
+  it = g1.batches(1000, start=5000)
+  np.testing.assert_array_equal(next(it).labels, a.labels[:1000])
+  np.testing.assert_array_equal(next(it).ids, a.ids[1000:2000])
+  c = SyntheticCriteo(small_config(seed=4)).examples(5000, 9000)
+  assert (c.ids != a.ids).mean() > 0.5
+
+
+def test_shapes_ids_are_64_bit_hashes_and_dense_heavy_tailed():
+  g = SyntheticCriteo(SyntheticConfig(seed=0))       # Criteo-Kaggle cardinalities
+  b = g.examples(0, 20000)
+  assert b.dense.shape == (20000, 13) and b.ids.shape == (20000, 26) and b.mask.all()
+  assert b.ids.dtype == np.uint64 and b.ids.max() > np.uint64(2**62)   # not 0..V-1
+  # Feature 9 (card 3) has exactly 3 IDs; feature 3 (card 10^7) many.
+  assert len(np.unique(b.ids[:, 8])) == 3
+  assert len(np.unique(b.ids[:, 2])) > 3000
+  # Zipf: the top ID of a large feature is far more frequent than the median one.
+  _, counts = np.unique(b.ids[:, 2], return_counts=True)
+  assert counts.max() > 50 * np.median(counts)
+  counts_raw = np.expm1(b.dense)
+  assert (counts_raw >= 0).all()
+  assert np.percentile(counts_raw, 99.9) > 20 * np.median(counts_raw[counts_raw > 0])
+
+
+def test_ids_match_the_documented_hashing():
+  cfg = SyntheticConfig(seed=0, cardinalities=(1,), weighted_features=1, num_pairs=0)
+  b = SyntheticCriteo(cfg).examples(0, 10)
+  np.testing.assert_array_equal(b.ids[:, 0], hashing.feature_ids(0, np.zeros(10, np.uint64)))
+
+
+def test_multi_hot_bags_and_empty_bags():
+  cfg = small_config(seed=1, max_ids=(5,) + (1,) * 25, min_bag=0)
+  g = SyntheticCriteo(cfg)
+  b = g.examples(0, 5000)
+  assert b.ids.shape == (5000, 30)
+  lengths = b.mask[:, :5].sum(1)
+  assert set(np.unique(lengths)) == {0, 1, 2, 3, 4, 5}
+  assert (b.ids[:, :5][~b.mask[:, :5]] == 0).all()
+  # Valid slots are prefixes.
+  assert (np.diff(b.mask[:, :5].astype(int), axis=1) <= 0).all()
+
+
+def test_drift_brings_new_ids():
+  still = SyntheticCriteo(small_config(seed=2))
+  moving = SyntheticCriteo(small_config(seed=2, drift=0.01))
+  def new_share(g):
+    early = set(g.examples(0, 20000).ids[:, 2].tolist())
+    late = g.examples(200000, 220000).ids[:, 2]
+    return np.mean([x not in early for x in late.tolist()])
+  assert new_share(moving) > new_share(still) + 0.2
+
+
+def test_planted_truth():
+  g = SyntheticCriteo(small_config(seed=0))
+  b, p = g.examples(0, 100000, with_prob=True)
+  assert ((p > 0) & (p < 1)).all()
+  # Labels are Bernoulli(p): calibration in deciles.
+  q = np.quantile(p, np.linspace(0, 1, 11))
+  for lo, hi in zip(q[:-1], q[1:]):
+    sel = (p >= lo) & (p < hi)
+    assert abs(b.labels[sel].mean() - p[sel].mean()) < 0.02
+  bayes = auc(b.labels, p)
+  assert 0.75 < bayes < 0.9
+  # The Bayes predictor is better than any single feature's effect or the dense part alone.
+  assert auc(b.labels, b.dense @ np.ones(13)) < bayes - 0.1
+
+
+def test_bad_config_errors():
+  with pytest.raises(ValueError, match="max_ids"):
+    SyntheticConfig(cardinalities=(3, 4), max_ids=(1,))
+  with pytest.raises(ValueError, match="cardinalities"):
+    SyntheticConfig(cardinalities=(0,))
