@@ -88,6 +88,16 @@ class Batch:
     return Batch(*(np.concatenate([getattr(b, f.name) for b in batches])
                    for f in dataclasses.fields(Batch)))
 
+  def without_features(self, layout: SparseLayout, names: Sequence[str]) -> "Batch":
+    """A copy with the named sparse features blanked (empty bags): for feature ablations."""
+    unknown = sorted(set(names) - set(layout.names))
+    if unknown:
+      raise ValueError(f"cannot drop unknown features {unknown}; known: {list(layout.names)}")
+    mask = self.mask.copy()
+    for n in names:
+      mask[:, layout.columns(layout.names.index(n))] = False
+    return Batch(self.dense, np.where(mask, self.ids, np.uint64(0)), mask, self.labels)
+
   def ids_as_u32_pairs(self) -> np.ndarray:
     """[B, num_columns, 2] uint32 (lo, hi) view of ``ids``: how 64-bit IDs travel to devices
     without enabling jax_enable_x64."""

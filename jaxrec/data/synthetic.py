@@ -65,13 +65,13 @@ class SyntheticConfig:
   min_bag: int = 1
   # Teacher.
   bias: float = -1.2
-  id_weight_scale: float = 0.2         # std of a head ID's effect, per feature
+  id_weight_scale: float = 0.35        # std of a head ID's effect, per feature
   weighted_features: int = 26          # how many features carry per-ID effects (largest first)
-  rare_rank: float = 2000.0            # effect of rank r shrinks as (1 + r / rare_rank)^-rare_power
-  rare_power: float = 0.5
+  rare_rank: float = 300.0             # effect of rank r shrinks as (1 + r / rare_rank)^-rare_power
+  rare_power: float = 1.0
   num_pairs: int = 6                   # pairwise interaction terms among the largest features
   latent_dim: int = 4
-  pair_scale: float = 0.4
+  pair_scale: float = 0.25
   dense_scale: float = 0.3
   dense_nonlinear: float = 0.4
   drift: float = 0.0                   # identities shifted per example (0 = stationary)
@@ -144,7 +144,7 @@ class SyntheticCriteo:
       x = (1.0 + u * ((card + 1.0) ** a - 1.0)) ** (1.0 / a)
     return np.minimum(np.floor(x).astype(np.int64) - 1, card - 1).clip(0)
 
-  def _block(self, block: int) -> tuple[Batch, np.ndarray]:
+  def _block(self, block: int, parts: dict | None = None) -> tuple[Batch, np.ndarray]:
     c = self.config
     n = c.block_size
     rng = np.random.default_rng([c.seed, 1, block])
@@ -178,13 +178,20 @@ class SyntheticCriteo:
         w = _hash_normal(identity, self._salts[f]) * c.id_weight_scale
         w *= (1.0 + ranks / c.rare_rank) ** (-c.rare_power)
         logit += (w * valid).sum(1) / denom[:, 0]
+        if parts is not None:
+          parts[f] = (ranks, (w * valid).sum(1) / denom[:, 0])
       if any(f in p for p in self.pairs):
         z = np.stack([_hash_normal(identity, self._salts[f] + 17 * (k + 1))
                       for k in range(c.latent_dim)], -1)
         z *= ((1.0 + ranks / c.rare_rank) ** (-c.rare_power))[..., None]
         latent[f] = (z * valid[..., None]).sum(1) / denom
     for f, g in self.pairs:
-      logit += c.pair_scale * (latent[f] * latent[g]).sum(-1) / math.sqrt(c.latent_dim)
+      pair = c.pair_scale * (latent[f] * latent[g]).sum(-1) / math.sqrt(c.latent_dim)
+      logit += pair
+      if parts is not None:
+        parts[(f, g)] = pair
+    if parts is not None:
+      parts["logit"] = logit
 
     prob = 1.0 / (1.0 + np.exp(-logit))
     labels = (rng.random(n) < prob).astype(np.float32)
@@ -221,8 +228,13 @@ class SyntheticCriteo:
     return self.examples(start, stop, with_prob=True)[1]
 
 
-def small_config(seed: int = 0, **overrides) -> SyntheticConfig:
-  """A laptop/test-sized stream: a few large features (10^4..10^5), the rest small."""
-  cards = (500, 100, 200000, 50000, 300, 24, 8000, 600, 3, 20000, 4000, 100000, 3000, 27,
-           10000, 60000, 10, 5000, 2000, 4, 80000, 18, 15, 30000, 100, 40000)
+_SMALL_CARDINALITIES = (500, 100, 200000, 50000, 300, 24, 8000, 600, 3, 20000, 4000, 100000,
+                        3000, 27, 10000, 60000, 10, 5000, 2000, 4, 80000, 18, 15, 30000, 100,
+                        40000)
+
+
+def small_config(seed: int = 0, scale: float = 1.0, **overrides) -> SyntheticConfig:
+  """A laptop-sized stream: a few large features (10^4..2x10^5), the rest small. ``scale``
+  shrinks every vocabulary (for tests)."""
+  cards = tuple(max(3, int(c * scale)) for c in _SMALL_CARDINALITIES)
   return SyntheticConfig(seed=seed, cardinalities=cards, **overrides)
