@@ -4,8 +4,13 @@
 """
 
 import json
+import os
+import sys
 
 from absl import app, flags
+
+# Configs may build on each other (`from experiments.configs import dlrm_synthetic`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags
 
 from jaxrec.train.loop import train_and_evaluate

@@ -1,4 +1,5 @@
-"""The single-device stacked path against a dense reference written the obvious way."""
+"""The per-shard sparse update and the 1-device engine against references written the obvious
+way (the multi-device engine is tested in test_sharded_embedding.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,9 @@ import pytest
 
 from jaxrec.embedding import optimizers
 from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec
-from jaxrec.embedding.stacked import StackedEmbedding, sparse_update
+from jaxrec.distributed.mesh import make_mesh
+from jaxrec.embedding.sharded import ShardedEmbedding
+from jaxrec.embedding.stacked import sparse_update
 
 
 def _dense_reference(opt, table, slots, rows, grads, valid, step):
@@ -78,32 +81,47 @@ def test_rowwise_adagrad_matches_hand_loop():
 
 
 def test_lookup_and_pooling_match_take():
+  """The engine on a 1-device mesh (the single-device path): pooled bags equal numpy takes of
+  the same rows; features sharing a table read the same rows."""
   rng = np.random.default_rng(2)
   tables = [TableSpec("a", 100, 4), TableSpec("b", 37, 4)]
   feats = [FeatureSpec("f0", "a", "sum", 3), FeatureSpec("f1", "b", "mean", 2),
            FeatureSpec("f2", "a", "sum", 1)]                       # f0 and f2 share table a
-  emb = StackedEmbedding(tables, feats)
-  state = emb.init(jax.random.key(0))
+  emb = ShardedEmbedding(tables, feats, make_mesh((1,)))
+  assert len(emb.stacks) == 1 and emb.stacks[0].replicated        # one stack, one gather
+  state = emb.init(0)
   b = 16
   ids = rng.integers(0, 2**63, (b, 6), dtype=np.uint64)
+  ids[:, 5] = ids[:, 0]                                            # f2 repeats f0's first ID
   mask = rng.random((b, 6)) < 0.7
+  mask[:, 0] = mask[:, 5] = True
   mask[0, :3] = False                                              # an empty bag
   u32 = ids.view(np.uint32).reshape(b, 6, 2)
-  rows = emb.rows(jnp.asarray(u32))
-  pooled = emb.pool(emb.gather(state, rows), jnp.asarray(mask))
-  table = np.asarray(state.tables[emb.stacks[0].name])
-  r = np.concatenate([np.asarray(rows[emb.stacks[0].name])])
-  # Reference: gather by the same rows with numpy, pool by hand.
-  cols = emb.stack_columns[emb.stacks[0].name]
-  full_rows = np.zeros((b, 6), np.int64)
-  full_rows[:, cols] = r
-  e = table[full_rows] * mask[..., None]
-  np.testing.assert_allclose(pooled[0], e[:, 0:3].sum(1), rtol=1e-6)
-  np.testing.assert_allclose(pooled[1], e[:, 3:5].sum(1) / np.maximum(mask[:, 3:5].sum(1), 1)[:, None], rtol=1e-6)
-  np.testing.assert_allclose(pooled[2], e[:, 5], rtol=1e-6)
+  pooled, _, _ = emb.forward(state, jnp.asarray(u32), jnp.asarray(mask))
+  dense, _ = emb.to_dense(state)
   np.testing.assert_array_equal(np.asarray(pooled[0][0]), 0.0)
-  # Shared table: equal IDs in f0 and f2 hit the same row; rows stay inside each table's range.
-  assert (r[:, [0, 1, 2, 5]] < 100).all() and (r[:, 3:5] >= 100).all() and (r < 137).all()
-  same = jnp.asarray(np.repeat(u32[:, :1], 6, axis=1))
-  rr = np.asarray(emb.rows(same)[emb.stacks[0].name])
-  assert (rr[:, 0] == rr[:, 5]).all()
+  np.testing.assert_allclose(pooled[2][1:], dense["a"][_rows(ids[1:, 5], "a", 100)], rtol=1e-6)
+  # Each bag is a sum / mean of rows of its own table.
+  e0 = dense["a"][_rows(ids[:, :3], "a", 100)] * mask[:, :3, None]
+  np.testing.assert_allclose(pooled[0], e0.sum(1), rtol=1e-5, atol=1e-6)
+  e1 = dense["b"][_rows(ids[:, 3:5], "b", 37)] * mask[:, 3:5, None]
+  count = np.maximum(mask[:, 3:5].sum(1, keepdims=True), 1)
+  np.testing.assert_allclose(pooled[1], e1.sum(1) / count, rtol=1e-5, atol=1e-6)
+
+
+def _rows(ids, table, rows):
+  """hash32(id) % rows with the documented hash (murmur3 fmix32 of lo ^ fmix32(hi ^ salt))."""
+  import zlib
+
+  def fmix(h):
+    h = h.astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+  salt = np.uint32((zlib.crc32(table.encode()) * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF)
+  lo = (ids & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+  hi = (ids >> np.uint64(32)).astype(np.uint32)
+  return (fmix(lo ^ fmix(hi ^ salt)) % np.uint32(rows)).astype(np.int64)

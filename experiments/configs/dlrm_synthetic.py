@@ -2,7 +2,8 @@
 
   python experiments/train.py --config=experiments/configs/dlrm_synthetic.py --workdir=/tmp/dlrm
 
-Variants: `--config=experiments/configs/dlrm_synthetic.py:tiny` (seconds, used by tests),
+Variants: `--config=experiments/configs/dlrm_synthetic.py:tiny` (seconds), `:test` (the
+quick start in miniature, used by tests),
 `:kaggle` (Criteo-Kaggle-sized vocabularies). Any field can be overridden, e.g.
 `--config.data.train_examples=1000000 --config.model.embedding_dim=32`.
 """
@@ -15,17 +16,22 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.seed = 0
   c.log_every_steps = 200
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = None               # None: every local device on one "data" axis
+  c.mesh.axis_names = None          # None: ("data",), or ("host", "local") for 2-D shapes
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"
   c.data.preset = "small"
   c.data.seed = 0
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.num_dense = 13
-  c.data.train_examples = 4_000_000
+  c.data.train_examples = 5_000_000
   c.data.eval_examples = 200_000
   c.data.eval_start = 0          # 0: evaluate on the examples right after the training range
   c.data.batch_size = 1024
   c.data.eval_batch_size = 8192
+  c.data.drop_features = ()      # sparse features to blank out (ablations)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "dlrm"
@@ -38,23 +44,36 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.embedding.optimizer = "rowwise_adagrad"
   c.embedding.learning_rate = 0.05
   c.embedding.max_rows = 1 << 18
-  c.embedding.rows_factor = 2.0
+  c.embedding.rows_factor = 16.0     # hashed tables: few collisions among frequent IDs
   c.embedding.min_rows = 64
   c.embedding.pooling = "sum"
+  # Sharding: the planner decides unless `sharding` names one type for every table.
+  c.embedding.sharding = ""
+  c.embedding.memory_budget_mib = 1024.0  # per device; tables over half of it go row-wise
+  c.embedding.replicate_below_kib = 1024.0
+  c.embedding.capacity_factor = None      # None: all_to_all buckets that never overflow
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 100
-  c.optimizer.decay = "constant"
+  c.optimizer.decay = "cosine"
 
   if variant == "tiny":
     c.data.train_examples = 200_000
     c.data.eval_examples = 50_000
     c.log_every_steps = 50
+  elif variant == "test":
+    # The quick start in miniature (vocabularies / 10), for the test suite: under a minute.
+    c.data.preset = "test"
+    c.data.train_examples = 800_000
+    c.data.eval_examples = 50_000
+    c.data.eval_start = 800_000      # pinned, so runs on less data are judged on the same examples
+    c.log_every_steps = 100
+    c.mesh.shape = (1,)              # the suite fakes 8 devices; sharding has its own tests
   elif variant == "kaggle":
     c.data.preset = "kaggle"
     c.embedding.max_rows = 1 << 20
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of dlrm_synthetic (tiny, kaggle)")
+    raise ValueError(f"unknown variant {variant!r} of dlrm_synthetic (tiny, test, kaggle)")
   return c

@@ -1,8 +1,10 @@
 """Row-wise sparse optimizers: each updates a block of touched rows and their slots.
 
 Every function takes the current values of U unique touched rows ``w [U, D]``, their slots, and
-the summed gradient of each row ``g [U, D]``, and returns new rows and slots. The caller gathers
-and scatters; nothing here ever sees a whole table.
+the summed gradient of each row ``g [U, G]``, and returns new rows and slots. The caller gathers
+and scatters; nothing here ever sees a whole table. ``G == D`` except for a column-sharded
+row-wise Adagrad table: there ``g`` carries the whole row's gradient (``G`` = full dim), this
+shard's own columns first, so the row-wise accumulator sees every column.
 """
 
 from __future__ import annotations
@@ -12,31 +14,44 @@ import jax.numpy as jnp
 from jaxrec.embedding.specs import SparseOptimizer
 
 
-def init_slots(opt: SparseOptimizer, rows: int, dim: int) -> dict[str, jnp.ndarray]:
-  """Slot arrays for a table of ``rows`` x ``dim`` (row-wise Adagrad keeps one float a row)."""
+def slot_shapes(opt: SparseOptimizer, dim: int) -> dict[str, tuple[tuple[int, ...], float]]:
+  """Per-row slot shape (after the row axes) and initial value of each slot."""
   acc = opt.initial_accumulator
-  if opt.name == "sgd":
-    return {}
-  if opt.name == "rowwise_adagrad":
-    return {"acc": jnp.full((rows,), acc, jnp.float32)}
-  if opt.name == "adagrad":
-    return {"acc": jnp.full((rows, dim), acc, jnp.float32)}
-  if opt.name == "adam":
-    return {"m": jnp.zeros((rows, dim), jnp.float32), "v": jnp.zeros((rows, dim), jnp.float32)}
-  if opt.name == "ftrl":
-    return {"z": jnp.zeros((rows, dim), jnp.float32),
-            "n": jnp.full((rows, dim), acc, jnp.float32)}
-  raise ValueError(f"unknown sparse optimizer {opt.name!r}")
+  return {
+      "sgd": {},
+      "rowwise_adagrad": {"acc": ((), acc)},
+      "adagrad": {"acc": ((dim,), acc)},
+      "adam": {"m": ((dim,), 0.0), "v": ((dim,), 0.0)},
+      "ftrl": {"z": ((dim,), 0.0), "n": ((dim,), acc)},
+  }[opt.name]
+
+
+def slot_floats_per_row(opt: SparseOptimizer, dim: int) -> int:
+  return sum(max(1, dim if s else 1) for s, _ in slot_shapes(opt, dim).values())
+
+
+def init_slots(opt: SparseOptimizer, rows: int | tuple[int, ...], dim: int
+               ) -> dict[str, jnp.ndarray]:
+  """Slot arrays for a table of ``rows`` x ``dim`` (row-wise Adagrad keeps one float a row).
+
+  ``rows`` may be a shape (e.g. ``(shards, rows_per_shard)``) for a sharded layout.
+  """
+  lead = (rows,) if isinstance(rows, int) else tuple(rows)
+  return {k: jnp.full(lead + s, v, jnp.float32) for k, (s, v) in slot_shapes(opt, dim).items()}
 
 
 def apply_rows(opt: SparseOptimizer, w, slots: dict, g, step):
   """New (rows, slots) for touched rows. ``step`` is the 1-based global step (for Adam)."""
   lr = opt.learning_rate
-  g = g.astype(jnp.float32)
+  g_full = g.astype(jnp.float32)
+  g = g_full[:, :w.shape[-1]]
+  w = w.astype(jnp.float32)
+  if g_full.shape[-1] != w.shape[-1] and opt.name != "rowwise_adagrad":
+    raise ValueError(f"{opt.name}: gradient width {g_full.shape[-1]} != row width {w.shape[-1]}")
   if opt.name == "sgd":
     return w - lr * g, {}
   if opt.name == "rowwise_adagrad":
-    acc = slots["acc"] + jnp.mean(g * g, axis=-1)
+    acc = slots["acc"] + jnp.mean(g_full * g_full, axis=-1)
     return w - lr * g / (jnp.sqrt(acc)[:, None] + opt.eps), {"acc": acc}
   if opt.name == "adagrad":
     acc = slots["acc"] + g * g
@@ -56,5 +71,5 @@ def apply_rows(opt: SparseOptimizer, w, slots: dict, g, step):
     z = slots["z"] + g - sigma * w
     denom = (opt.l2 * 2 + (n ** p) / lr)  # FTRL-Proximal closed form, l2 folded into beta term
     new_w = jnp.where(jnp.abs(z) <= opt.l1, 0.0, -(z - jnp.sign(z) * opt.l1) / denom)
-    return new_w.astype(w.dtype), {"z": z, "n": n}
+    return new_w, {"z": z, "n": n}
   raise ValueError(f"unknown sparse optimizer {opt.name!r}")

@@ -1,11 +1,15 @@
-"""Single-device stacked embedding tables with a sparse, row-wise update.
+"""Stacks: tables that share (row width, optimizer, dtype) live in one array per device.
 
-Tables with the same (dim, optimizer, dtype) live in one array with per-table row offsets, so a
-step does one gather and one scatter per stack rather than one per feature. IDs (64-bit, as
-uint32 (lo, hi) pairs) are hashed into each table's row range inside the jitted step. The
-backward pass never forms a dense [rows, dim] gradient: the caller differentiates with respect
-to the gathered rows, and ``apply_gradients`` deduplicates them, sums gradients per unique row
-and runs the table's optimizer on those rows only.
+A table is cut into column blocks ("pieces"; one unless it is column-wise), and each piece's
+rows are spread over a device group: row ``r`` lives on ``devices[r % n]`` at local row
+``r // n``. A stack holds pieces of equal width; on each device its array (the "slab") is the
+concatenation of the segments of the pieces that device holds, so a step does one gather and
+one scatter per stack, not one per feature. A replicated stack (data-parallel tables) is one
+array ``[sum(rows), dim]`` held whole by every device.
+
+``sparse_update`` is the per-shard backward: dedup touched rows, segment-sum their gradients,
+run the row-wise optimizer on those rows only and scatter them (and their slots) in place.
+It never forms a dense ``[rows, dim]`` gradient.
 """
 
 from __future__ import annotations
@@ -17,54 +21,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.data.batch import SparseLayout
 from jaxrec.embedding import optimizers
-from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec, validate
-
-
-def fmix32(h):
-  """murmur3's 32-bit finaliser (a bijection), on uint32 arrays."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def hash_u64_pair(ids_u32, salt):
-  """A 32-bit hash of 64-bit IDs given as [..., 2] uint32 (lo, hi)."""
-  lo, hi = ids_u32[..., 0], ids_u32[..., 1]
-  return fmix32(lo ^ fmix32(hi ^ salt))
+from jaxrec.embedding.routing import unique_inverse
+from jaxrec.embedding.specs import SparseOptimizer, TableSpec
 
 
 @dataclasses.dataclass(frozen=True)
-class Stack:
-  name: str
+class Piece:
+  """Column block ``block`` of a table (columns ``col0 : col0 + dim``), row-sharded."""
+
+  table: TableSpec
+  block: int
+  col0: int
   dim: int
-  optimizer: SparseOptimizer
-  dtype: str
-  tables: tuple[TableSpec, ...]
-  offsets: tuple[int, ...]            # row offset of each table inside the stack
+  devices: tuple[int, ...]
 
   @property
-  def rows(self) -> int:
-    return int(self.offsets[-1] + self.tables[-1].rows)
+  def n(self) -> int:
+    return len(self.devices)
 
-  def offset(self, table: str) -> int:
-    return self.offsets[[t.name for t in self.tables].index(table)]
+  @property
+  def rows_per_shard(self) -> int:
+    return -(-self.table.rows // self.n)
 
 
-def build_stacks(tables: Sequence[TableSpec]) -> list[Stack]:
-  groups: dict[tuple, list[TableSpec]] = {}
-  for t in tables:
-    if t.rows is None:
-      raise ValueError(f"table {t.name!r} is dynamic (rows=None); the stacked single-device "
-                       "path needs fixed-size tables")
-    groups.setdefault(t.stack_key, []).append(t)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stack:
+  """One array per device (or one replicated array) holding several pieces.
+
+  offsets: sharded: [num_devices, num_pieces] row offset of each piece in each device's slab
+    (-1 where the device holds none of it); replicated: [num_pieces].
+  rows: rows of each device's slab (sharded) or of the whole array (replicated).
+  grad_dim: width of the gradient the update sees (> dim only for a column-wise row-wise
+    Adagrad piece, which needs the whole row's gradient for its accumulator).
+  """
+
+  name: str
+  dim: int
+  grad_dim: int
+  optimizer: SparseOptimizer
+  dtype: str
+  replicated: bool
+  pieces: tuple[Piece, ...]
+  offsets: np.ndarray
+  rows: int
+
+
+def build_stacks(pieces: Sequence[Piece], replicated: Sequence[bool], num_devices: int
+                 ) -> list[Stack]:
+  """Groups pieces into stacks and lays out every device's slab."""
+  groups: dict[tuple, list[Piece]] = {}
+  for p, rep in zip(pieces, replicated):
+    if p.table.rows is None:
+      raise ValueError(f"table {p.table.name!r} is dynamic (rows=None); the stacked engine "
+                       "needs fixed-size tables (dynamic ones go through hash_table)")
+    opt = p.table.optimizer
+    grad_dim = p.table.dim if (opt.name == "rowwise_adagrad" and p.dim != p.table.dim) else p.dim
+    groups.setdefault((rep, p.dim, grad_dim, opt, p.table.dtype), []).append(p)
   stacks = []
-  for i, ((dim, opt, dtype), ts) in enumerate(groups.items()):
-    offsets = tuple(int(x) for x in np.cumsum([0] + [t.rows for t in ts[:-1]]))
-    stacks.append(Stack(f"stack{i}_d{dim}_{opt.name}", dim, opt, dtype, tuple(ts), offsets))
+  for i, ((rep, dim, grad_dim, opt, dtype), ps) in enumerate(groups.items()):
+    name = f"stack{i}_{'rep' if rep else 'shard'}_d{dim}_{opt.name}"
+    if grad_dim != dim:
+      name += f"_g{grad_dim}"
+    if rep:
+      offsets = np.cumsum([0] + [p.table.rows for p in ps[:-1]]).astype(np.int64)
+      rows = int(offsets[-1] + ps[-1].table.rows)
+    else:
+      offsets = np.full((num_devices, len(ps)), -1, np.int64)
+      cursor = np.zeros(num_devices, np.int64)
+      for j, p in enumerate(ps):
+        for d in p.devices:
+          offsets[d, j] = cursor[d]
+          cursor[d] += p.rows_per_shard
+      rows = int(max(cursor.max(), 1))
+      if (num_devices * rows + 1) >= 2**31:
+        raise ValueError(f"stack {name}: {num_devices} x {rows} slab rows do not fit the int32 "
+                         "routing key; split the tables over more stacks (e.g. other dtypes) or "
+                         "use more devices")
+    stacks.append(Stack(name, dim, grad_dim, opt, dtype, rep, tuple(ps), offsets, rows))
   return stacks
 
 
@@ -78,102 +112,6 @@ class EmbeddingState:
 jax.tree_util.register_dataclass(EmbeddingState, data_fields=["tables", "slots"], meta_fields=[])
 
 
-class StackedEmbedding:
-  """Static plan (which column reads which rows of which stack) plus pure array functions."""
-
-  def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec]):
-    tables, features = list(tables), list(features)
-    validate(tables, features)
-    self.table_specs = {t.name: t for t in tables}
-    self.features = tuple(features)
-    self.layout = SparseLayout(tuple(f.name for f in features),
-                               tuple(f.max_ids for f in features))
-    used = {f.table for f in features}
-    self.stacks = build_stacks([t for t in tables if t.name in used])
-    stack_of_table = {t.name: s for s in self.stacks for t in s.tables}
-    # Per stack: which columns of the batch read it, and each column's hashing constants.
-    col_feature = self.layout.column_feature()
-    self.stack_columns: dict[str, np.ndarray] = {}
-    self._col_salt, self._col_rows, self._col_offset = {}, {}, {}
-    for s in self.stacks:
-      cols = [c for c in range(self.layout.num_columns)
-              if stack_of_table[features[col_feature[c]].table] is s]
-      tnames = [features[col_feature[c]].table for c in cols]
-      self.stack_columns[s.name] = np.asarray(cols, np.int32)
-      self._col_salt[s.name] = np.asarray(
-          [0x9E3779B9 * (1 + list(self.table_specs).index(t)) & 0xFFFFFFFF for t in tnames],
-          np.uint32)
-      self._col_rows[s.name] = np.asarray([self.table_specs[t].rows for t in tnames], np.uint32)
-      self._col_offset[s.name] = np.asarray([s.offset(t) for t in tnames], np.int32)
-    dims = {s.dim for s in self.stacks}
-    self.dim = dims.pop() if len(dims) == 1 else None
-
-  # ---- state -------------------------------------------------------------------------------
-
-  def init(self, rng: jax.Array) -> EmbeddingState:
-    tables, slots = {}, {}
-    for s, key in zip(self.stacks, jax.random.split(rng, len(self.stacks))):
-      parts = []
-      for t, k in zip(s.tables, jax.random.split(key, len(s.tables))):
-        scale = t.init_scale if t.init_scale is not None else 1.0 / np.sqrt(t.rows)
-        parts.append(jax.random.uniform(k, (t.rows, s.dim), jnp.float32, -scale, scale))
-      tables[s.name] = jnp.concatenate(parts).astype(s.dtype)
-      slots[s.name] = optimizers.init_slots(s.optimizer, s.rows, s.dim)
-    return EmbeddingState(tables, slots)
-
-  # ---- forward -----------------------------------------------------------------------------
-
-  def rows(self, ids_u32) -> dict[str, jax.Array]:
-    """[B, C, 2] uint32 IDs -> per stack, [B, C_s] int32 global rows of that stack."""
-    out = {}
-    for s in self.stacks:
-      cols = self.stack_columns[s.name]
-      h = hash_u64_pair(ids_u32[:, cols], jnp.asarray(self._col_salt[s.name]))
-      out[s.name] = (h % jnp.asarray(self._col_rows[s.name])).astype(jnp.int32) + \
-          jnp.asarray(self._col_offset[s.name])
-    return out
-
-  def gather(self, state: EmbeddingState, rows: dict) -> dict[str, jax.Array]:
-    return {s.name: jnp.take(state.tables[s.name], rows[s.name], axis=0) for s in self.stacks}
-
-  def pool(self, gathered: dict, mask) -> list[jax.Array]:
-    """Per feature (in declaration order) its pooled [B, D] (or [B, L, D] for pooling none)."""
-    col_to = {}
-    for s in self.stacks:
-      for j, c in enumerate(self.stack_columns[s.name]):
-        col_to[int(c)] = (s.name, j)
-    out = []
-    for f, spec in enumerate(self.features):
-      cols = range(*self.layout.columns(f).indices(self.layout.num_columns))
-      sname = col_to[cols[0]][0]
-      js = [col_to[c][1] for c in cols]
-      e = gathered[sname][:, js[0]:js[-1] + 1].astype(jnp.float32)   # [B, L, D]
-      m = mask[:, cols[0]:cols[-1] + 1].astype(jnp.float32)[..., None]
-      e = e * m
-      if spec.pooling == "none":
-        out.append(e)
-      elif spec.pooling == "sum" or len(js) == 1:
-        out.append(e.sum(1) if spec.pooling == "sum" else e.sum(1) / jnp.maximum(m.sum(1), 1.0))
-      else:
-        out.append(e.sum(1) / jnp.maximum(m.sum(1), 1.0))
-    return out
-
-  # ---- backward / update -------------------------------------------------------------------
-
-  def apply_gradients(self, state: EmbeddingState, rows: dict, grads: dict, mask, step
-                      ) -> EmbeddingState:
-    """Sparse update: grads[stack] is d loss / d gathered rows, [B, C_s, D]."""
-    tables, slots = dict(state.tables), dict(state.slots)
-    for s in self.stacks:
-      cols = self.stack_columns[s.name]
-      valid = mask[:, cols].reshape(-1)
-      r = rows[s.name].reshape(-1)
-      g = grads[s.name].reshape(-1, s.dim)
-      tables[s.name], slots[s.name] = sparse_update(
-          s.optimizer, tables[s.name], slots[s.name], r, g, valid, step)
-    return EmbeddingState(tables, slots)
-
-
 def dedup_rows(rows, grads, valid, num_rows: int):
   """Unique touched rows and their summed gradients, at a static size N = len(rows).
 
@@ -181,23 +119,34 @@ def dedup_rows(rows, grads, valid, num_rows: int):
   which the scatter drops. Returns (unique [N] int32, summed [N, D]).
   """
   n = rows.shape[0]
-  r = jnp.where(valid, rows, num_rows)
-  uniq, inverse = jnp.unique(r, size=n, fill_value=num_rows, return_inverse=True)
-  summed = jax.ops.segment_sum(grads.astype(jnp.float32), inverse.reshape(-1), num_segments=n)
-  return uniq.astype(jnp.int32), summed
+  r = jnp.where(valid, rows, num_rows).astype(jnp.int32)
+  uniq, inverse = unique_inverse(r, num_rows)
+  summed = jax.ops.segment_sum(grads.astype(jnp.float32), inverse, num_segments=n)
+  return uniq, summed
 
 
-def sparse_update(opt: SparseOptimizer, table, slots: dict, rows, grads, valid, step):
-  """Applies ``opt`` to the rows touched by (rows, grads); returns (table, slots)."""
+def sparse_update(opt: SparseOptimizer, table, slots: dict, rows, grads, valid, step,
+                  assume_unique: bool = False):
+  """Applies ``opt`` to the rows touched by (rows, grads); returns (table, slots).
+
+  ``assume_unique``: the valid rows are already distinct (skips the dedup sort).
+  """
   num_rows = table.shape[0]
-  if opt.name == "sgd":  # linear in the gradient: duplicates may be scattered without dedup
-    g = jnp.where(valid[:, None], grads, 0).astype(table.dtype)
+  dim = table.shape[1]
+  if opt.name == "sgd" and table.dtype == jnp.float32:
+    # Linear in the gradient: duplicates may be scattered without dedup.
+    g = jnp.where(valid[:, None], grads[:, :dim], 0).astype(jnp.float32)
     r = jnp.where(valid, rows, num_rows)
     return table.at[r].add(-opt.learning_rate * g, mode="drop"), slots
-  uniq, summed = dedup_rows(rows, grads, valid, num_rows)
-  w = jnp.take(table, uniq, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+  if assume_unique:
+    uniq = jnp.where(valid, rows, num_rows).astype(jnp.int32)
+    summed = grads.astype(jnp.float32)
+  else:
+    uniq, summed = dedup_rows(rows, grads, valid, num_rows)
+  w = jnp.take(table, uniq, axis=0, mode="fill", fill_value=0)
   srows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0) for k, v in slots.items()}
   new_w, new_s = optimizers.apply_rows(opt, w, srows, summed, step)
-  table = table.at[uniq].set(new_w.astype(table.dtype), mode="drop")
-  slots = {k: slots[k].at[uniq].set(new_s[k], mode="drop") for k in slots}
+  table = table.at[uniq].set(new_w.astype(table.dtype), mode="drop", unique_indices=True)
+  slots = {k: slots[k].at[uniq].set(new_s[k], mode="drop", unique_indices=True) for k in slots}
   return table, slots
+

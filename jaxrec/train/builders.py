@@ -14,14 +14,16 @@ from flax import nnx
 
 from jaxrec import models
 from jaxrec.data import synthetic
+from jaxrec.distributed.mesh import make_mesh
 from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec
-from jaxrec.embedding.stacked import StackedEmbedding
+from jaxrec.embedding.sharded import ShardedEmbedding
 
 
 def synthetic_stream(data_cfg) -> synthetic.SyntheticCriteo:
   presets = {
       "kaggle": synthetic.SyntheticConfig,
       "small": lambda **kw: synthetic.small_config(**kw),
+      "test": lambda **kw: synthetic.small_config(scale=0.1, **kw),
   }
   if data_cfg.preset not in presets:
     raise ValueError(f"config.data.preset={data_cfg.preset!r}; expected one of {sorted(presets)}")
@@ -43,7 +45,13 @@ def table_rows(cardinality: int | None, emb_cfg) -> int:
   return int(min(emb_cfg.max_rows, max(emb_cfg.min_rows, math.ceil(cardinality * emb_cfg.rows_factor))))
 
 
-def embedding_plan(layout, cardinalities, emb_cfg, dim: int) -> StackedEmbedding:
+def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_size: int = 1
+                   ) -> ShardedEmbedding:
+  """Tables and features from the config, planned onto ``mesh`` (default: every device).
+
+  emb_cfg may set ``sharding`` (one type for every table, overriding the planner),
+  ``memory_budget_mib`` (per device), ``replicate_below_kib`` and ``capacity_factor``.
+  """
   opt = SparseOptimizer(name=emb_cfg.optimizer, learning_rate=emb_cfg.learning_rate,
                         initial_accumulator=emb_cfg.get("initial_accumulator", 0.0),
                         eps=emb_cfg.get("eps", 1e-8))
@@ -51,10 +59,19 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int) -> StackedEmbedding
   for f, name in enumerate(layout.names):
     card = cardinalities[f] if cardinalities is not None else None
     tables.append(TableSpec(name=f"t_{name}", rows=table_rows(card, emb_cfg), dim=dim,
-                            optimizer=opt, init_scale=emb_cfg.get("init_scale", None)))
+                            optimizer=opt, init_scale=emb_cfg.get("init_scale", None),
+                            sharding=emb_cfg.get("sharding", None) or None))
     features.append(FeatureSpec(name=name, table=f"t_{name}", pooling=emb_cfg.pooling,
                                 max_ids=layout.max_ids[f]))
-  return StackedEmbedding(tables, features)
+  if mesh is None:
+    mesh = make_mesh()
+  planner = {}
+  if emb_cfg.get("memory_budget_mib"):
+    planner["memory_budget"] = int(emb_cfg.memory_budget_mib * 2**20)
+  if emb_cfg.get("replicate_below_kib") is not None:
+    planner["replicate_below"] = int(emb_cfg.replicate_below_kib * 1024)
+  return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
+                          capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
 
 
 def dense_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -85,11 +102,14 @@ def compute_dtype(name: str | None):
 
 
 def build_model(model_cfg, num_dense: int, num_sparse: int, seed: int) -> nnx.Module:
+  # Model-specific settings (cross layers, experts, ...) pass through from config.model.options.
+  options = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in dict(model_cfg.get("options") or {}).items()}
   return models.build_model(
       model_cfg.name, num_dense=num_dense, num_sparse=num_sparse,
       embedding_dim=model_cfg.embedding_dim, bottom_mlp=tuple(model_cfg.bottom_mlp),
       top_mlp=tuple(model_cfg.top_mlp), rngs=nnx.Rngs(seed),
-      compute_dtype=compute_dtype(model_cfg.get("compute_dtype")))
+      compute_dtype=compute_dtype(model_cfg.get("compute_dtype")), **options)
 
 
 def device_batch(batch) -> dict:

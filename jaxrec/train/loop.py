@@ -15,8 +15,9 @@ from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
 from jaxrec.train import builders, metrics
-from jaxrec.train.state import TrainState
-from jaxrec.train.step import make_eval_step, make_train_step
+from jaxrec.distributed.mesh import make_mesh
+from jaxrec.train.state import TrainState, place_state
+from jaxrec.train.step import jit_steps
 
 
 class MetricWriter:
@@ -61,10 +62,10 @@ def init_state(config, emb, model, tx) -> tuple:
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), emb_state)
 
 
-def evaluate(eval_fn, state, batches) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray]:
   preds, labels = [], []
   for b in batches:
-    preds.append(np.asarray(eval_fn(state, builders.device_batch(b))))
+    preds.append(np.asarray(eval_fn(state, to_device(b))))
     labels.append(b.labels)
   return np.concatenate(labels), np.concatenate(preds)
 
@@ -78,20 +79,30 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   if steps < 1:
     raise ValueError(f"config.data.train_examples={d.train_examples} is smaller than one batch "
                      f"({d.batch_size})")
-  emb = builders.embedding_plan(layout, cards, config.embedding, config.model.embedding_dim)
+  mesh_cfg = config.get("mesh") or {}
+  mesh = make_mesh(mesh_cfg.get("shape"), mesh_cfg.get("axis_names"))
+  emb = builders.embedding_plan(layout, cards, config.embedding, config.model.embedding_dim,
+                                mesh=mesh, batch_size=d.batch_size)
   model = builders.build_model(config.model, d.num_dense, layout.num_features, config.seed)
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = init_state(config, emb, model, tx)
-  train_step = jax.jit(make_train_step(graphdef, emb, tx), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef, emb))
+  state = place_state(state, emb)
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state)
   writer = MetricWriter(workdir)
-  table_rows = sum(s.rows for s in emb.stacks)
+  table_rows = sum(t.rows for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "
        f"{steps:,} steps x batch {d.batch_size:,} on {jax.devices()[0].platform} "
-       f"({jax.device_count()} device(s))")
+       f"(mesh {dict(mesh.shape)})")
+  if mesh.size > 1:
+    _say(f"embedding sharding plan:\n{emb.plan.describe()}")
 
-  example = builders.device_batch(stream.examples(0, d.batch_size))
+  dropped = tuple(d.get("drop_features", ()) or ())
+  if dropped:
+    _say(f"dropping sparse features {list(dropped)} (their bags are empty)")
+  to_device = lambda b: builders.device_batch(
+      emb.check_batch(b.without_features(layout, dropped) if dropped else b))
+  example = to_device(stream.examples(0, d.batch_size))
   t0 = time.perf_counter()
   compiled = train_step.lower(state, example).compile()
   mem = compiled.memory_analysis()
@@ -101,7 +112,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   _say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
   source = Prefetcher(stream.batches(d.batch_size, 0, steps * d.batch_size),
-                      lambda b: jax.device_put(builders.device_batch(b)), depth=4)
+                      lambda b: jax.device_put(to_device(b), emb.batch_sharding), depth=4)
   log_every = max(1, int(config.log_every_steps))
   t_start = time.perf_counter()
   t_last, step_last = t_start, 0
@@ -117,8 +128,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
         _say(f"step {i:>6,}/{steps:,}  loss {loss:.4f}  {rate:>9,.0f} samples/s  "
              f"ETA {_fmt_time(eta)}")
         writer.write(step=i, loss=loss, samples_per_s=rate,
-                     dense_grad_norm=float(m["dense_grad_norm"]),
-                     embedding_grad_norm=float(m["embedding_grad_norm"]))
+                     **{k: float(v) for k, v in m.items() if k != "loss"})
         if not np.isfinite(loss):
           raise FloatingPointError(f"loss became {loss} at step {i}")
         t_last, step_last = now, i
@@ -132,7 +142,8 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   eval_n = int(d.eval_examples)
   eb = int(d.eval_batch_size)
   labels, preds = evaluate(eval_step, state,
-                           stream.batches(eb, eval_start, eval_start + (eval_n // eb) * eb))
+                           stream.batches(eb, eval_start, eval_start + (eval_n // eb) * eb),
+                           to_device)
   teacher = stream.teacher_probability(eval_start, eval_start + len(labels))
   summary = {
       "test_auc": metrics.auc(labels, preds),

@@ -1,4 +1,10 @@
-"""Pure train and eval steps. No I/O, no Python branching on data."""
+"""Pure train and eval steps. No I/O, no Python branching on data.
+
+The embedding lookup is a custom_vjp whose backward applies the sparse optimizer and returns
+the updated tables as the "gradient" of the embedding state (jax-tpu-embedding's scheme), so
+one ``value_and_grad`` over (dense params, embedding state) yields the dense gradients and the
+new embedding state together: no second code path for the sparse update in the step.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +14,57 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrec.embedding.stacked import StackedEmbedding
-from jaxrec.train.state import TrainState
+from jaxrec.embedding.sharded import ShardedEmbedding
+from jaxrec.train.state import TrainState, state_shardings
 
 
-def _forward(graphdef, emb: StackedEmbedding, params, gathered, batch):
+def _forward(graphdef, params, feats, dense):
   model = nnx.merge(graphdef, params)
-  pooled = jnp.stack(emb.pool(gathered, batch["mask"]), axis=1)
-  return model(batch["dense"], pooled)[:, 0].astype(jnp.float32)
+  return model(dense, jnp.stack(feats, axis=1))[:, 0].astype(jnp.float32)
 
 
-def make_train_step(graphdef, emb: StackedEmbedding, tx: optax.GradientTransformation
+def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation
                     ) -> Callable:
   def train_step(state: TrainState, batch: dict):
-    rows = emb.rows(batch["ids"])
-    gathered = emb.gather(state.emb, rows)
+    step = state.step + 1
 
-    def loss_fn(params, gathered):
-      logits = _forward(graphdef, emb, params, gathered, batch)
-      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+    def loss_fn(params, emb_state):
+      feats, stats = emb.lookup(emb_state, batch["ids"], batch["mask"], step)
+      logits = _forward(graphdef, params, feats, batch["dense"])
+      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(), stats
 
-    loss, (g_params, g_rows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, gathered)
+    (loss, stats), (g_params, emb_state) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.emb)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    emb_state = emb.apply_gradients(state.emb, rows, g_rows, batch["mask"], step)
     metrics = {
         "loss": loss,
         "dense_grad_norm": optax.global_norm(g_params),
-        "embedding_grad_norm": optax.global_norm(g_rows),
+        "embedding_overflow": stats[0],   # requests dropped by full buckets (0 by default)
+        "invalid_ids": stats[1],          # out-of-range IDs of index tables, treated as padding
     }
     return TrainState(step, params, opt_state, emb_state), metrics
 
   return train_step
 
 
-def make_eval_step(graphdef, emb: StackedEmbedding) -> Callable:
+def make_eval_step(graphdef, emb: ShardedEmbedding) -> Callable:
   def eval_step(state: TrainState, batch: dict):
-    rows = emb.rows(batch["ids"])
-    gathered = emb.gather(state.emb, rows)
-    return jax.nn.sigmoid(_forward(graphdef, emb, state.params, gathered, batch))
+    feats, _, _ = emb.forward(state.emb, batch["ids"], batch["mask"])
+    return jax.nn.sigmoid(_forward(graphdef, state.params, feats, batch["dense"]))
 
   return eval_step
+
+
+def jit_steps(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
+              state: TrainState):
+  """(train_step, eval_step) jitted with explicit shardings; train donates the state."""
+  sh = state_shardings(state, emb)
+  rep = NamedSharding(emb.mesh, P())
+  train = jax.jit(make_train_step(graphdef, emb, tx), in_shardings=(sh, emb.batch_sharding),
+                  out_shardings=(sh, rep), donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(graphdef, emb), in_shardings=(sh, emb.batch_sharding),
+                     out_shardings=emb.batch_sharding)
+  return train, evaluate

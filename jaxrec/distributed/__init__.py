@@ -1,0 +1,1 @@
+"""Multi-device and multi-host setup: the mesh."""

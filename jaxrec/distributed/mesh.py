@@ -1,0 +1,30 @@
+"""The device mesh, built once per run."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+
+def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] | None = None
+              ) -> Mesh:
+  """A mesh over the first prod(shape) devices; default: every device on one "data" axis.
+
+  Two axes default to ("host", "local") (row-wise inside a host, table-wise across hosts).
+  Axis types are Auto: the dense model carries no sharding annotations and GSPMD propagates
+  the batch split through it; the embedding engine is manual inside its shard_map anyway.
+  """
+  shape = tuple(int(s) for s in (shape or (jax.device_count(),)))
+  if axis_names is None:
+    axis_names = {1: ("data",), 2: ("host", "local")}.get(len(shape))
+    if axis_names is None:
+      raise ValueError(f"mesh shape {shape}: name its axes (1-D and 2-D meshes have defaults)")
+  n = int(np.prod(shape))
+  if n > jax.device_count():
+    raise ValueError(f"mesh shape {shape} needs {n} devices but only {jax.device_count()} are "
+                     "visible (on CPU set JAX_NUM_CPU_DEVICES before starting Python)")
+  return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape),
+                       devices=jax.devices()[:n])
