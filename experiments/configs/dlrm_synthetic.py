@@ -8,7 +8,11 @@ quick start in miniature, used by tests),
 `--config.data.train_examples=1000000 --config.model.embedding_dim=32`.
 """
 
+import dataclasses
+
 import ml_collections
+
+from jaxrec.data.synthetic import SyntheticConfig
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -24,7 +28,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.source = "synthetic"
   c.data.preset = "small"
   c.data.seed = 0
-  c.data.synthetic = ml_collections.ConfigDict()
+  # Every scalar knob of the stream and its teacher, overridable from the command line, e.g.
+  # --config.data.synthetic.drift=1e-4 (vocabularies come from the preset).
+  c.data.synthetic = ml_collections.ConfigDict(
+      {f.name: getattr(SyntheticConfig(), f.name) for f in dataclasses.fields(SyntheticConfig)
+       if f.name not in ("seed", "cardinalities", "max_ids")})
   c.data.num_dense = 13
   c.data.train_examples = 5_000_000
   c.data.eval_examples = 200_000

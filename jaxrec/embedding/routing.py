@@ -3,9 +3,9 @@
 A 64-bit feature ID travels as a uint32 (lo, hi) pair. Its table row is ``hash32(id, salt) %
 rows`` (or the ID itself for ``ids="index"`` tables); a row-sharded table stores row ``r`` on
 shard ``r % n`` at local row ``r // n``. The owning shard is therefore a function of the same
-32-bit hash for every table, so a dynamic table (one hash table per shard, helper-3's
-``hash_table``) can reuse this routing: route on ``hash32 % n`` and replace the shard's static
-local row ``r // n`` by ``find_or_insert`` of the key on the owner.
+32-bit hash for every table, so a dynamic table (one hash table per shard, ``hash_table``)
+reuses this routing: ``dynamic.DynamicEmbedding`` routes on ``hash32 % n`` and replaces the
+shard's static local row ``r // n`` by ``find_or_insert`` of the key on the owner.
 """
 
 from __future__ import annotations

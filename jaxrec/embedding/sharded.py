@@ -105,6 +105,10 @@ class ShardedEmbedding:
     self.capacity_factor = capacity_factor
     used = {f.table for f in features}
     self.table_specs = {t.name: t for t in tables if t.name in used}
+    dynamic = [n for n, t in self.table_specs.items() if t.dynamic is not None]
+    if dynamic:
+      raise ValueError(f"tables {dynamic} are dynamic (rows=None): ShardedEmbedding holds "
+                       "fixed-size tables; use jaxrec.embedding.dynamic.DynamicEmbedding")
     self.features = tuple(features)
     self.layout = SparseLayout(tuple(f.name for f in features),
                                tuple(f.max_ids for f in features))

@@ -74,7 +74,8 @@ def build_stacks(pieces: Sequence[Piece], replicated: Sequence[bool], num_device
   for p, rep in zip(pieces, replicated):
     if p.table.rows is None:
       raise ValueError(f"table {p.table.name!r} is dynamic (rows=None); the stacked engine "
-                       "needs fixed-size tables (dynamic ones go through hash_table)")
+                       "needs fixed-size tables (dynamic ones go through "
+                       "jaxrec.embedding.dynamic.DynamicEmbedding)")
     opt = p.table.optimizer
     grad_dim = p.table.dim if (opt.name == "rowwise_adagrad" and p.dim != p.table.dim) else p.dim
     groups.setdefault((rep, p.dim, grad_dim, opt, p.table.dtype), []).append(p)

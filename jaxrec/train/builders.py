@@ -15,7 +15,8 @@ from flax import nnx
 from jaxrec import models
 from jaxrec.data import synthetic
 from jaxrec.distributed.mesh import make_mesh
-from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec
+from jaxrec.embedding.dynamic import DynamicEmbedding
+from jaxrec.embedding.specs import DynamicSpec, FeatureSpec, SparseOptimizer, TableSpec
 from jaxrec.embedding.sharded import ShardedEmbedding
 
 
@@ -27,7 +28,8 @@ def synthetic_stream(data_cfg) -> synthetic.SyntheticCriteo:
   }
   if data_cfg.preset not in presets:
     raise ValueError(f"config.data.preset={data_cfg.preset!r}; expected one of {sorted(presets)}")
-  overrides = dict(data_cfg.get("synthetic", {}) or {})
+  overrides = {k: v for k, v in dict(data_cfg.get("synthetic", {}) or {}).items()
+               if v is not None}
   for k in ("cardinalities", "max_ids"):
     if overrides.get(k) is not None:
       overrides[k] = tuple(overrides[k])
@@ -51,6 +53,8 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
 
   emb_cfg may set ``sharding`` (one type for every table, overriding the planner),
   ``memory_budget_mib`` (per device), ``replicate_below_kib`` and ``capacity_factor``.
+  ``dynamic=True`` makes every table dynamic (``dynamic_table``) and returns a
+  ``DynamicEmbedding`` instead.
   """
   opt = SparseOptimizer(name=emb_cfg.optimizer, learning_rate=emb_cfg.learning_rate,
                         initial_accumulator=emb_cfg.get("initial_accumulator", 0.0),
@@ -65,6 +69,11 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
                                 max_ids=layout.max_ids[f]))
   if mesh is None:
     mesh = make_mesh()
+  if emb_cfg.get("dynamic", False):
+    tables = [dynamic_table(t, card, emb_cfg, mesh.size) for t, card in
+              zip(tables, cardinalities if cardinalities is not None else [None] * len(tables))]
+    return DynamicEmbedding(tables, features, mesh, batch_size=batch_size,
+                            capacity_factor=emb_cfg.get("capacity_factor", None))
   planner = {}
   if emb_cfg.get("memory_budget_mib"):
     planner["memory_budget"] = int(emb_cfg.memory_budget_mib * 2**20)
@@ -72,6 +81,33 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
     planner["replicate_below"] = int(emb_cfg.replicate_below_kib * 1024)
   return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
                           capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
+
+
+def dynamic_table(static: TableSpec, cardinality: int | None, emb_cfg, shards: int
+                  ) -> TableSpec:
+  """The dynamic twin of a static hashed table, from ``emb_cfg.dynamic_table``.
+
+  Capacity: ``capacity_factor`` x the feature's vocabulary (the popular head the stream draws
+  from at any time), clipped to [min_capacity, max_capacity]; each shard's share is rounded
+  up to a power of two. Rows start at the static table's scale, so the two runs compare.
+  """
+  d = emb_cfg.get("dynamic_table", None) or ml_collections.ConfigDict()
+  vocab = cardinality if cardinality is not None else int(d.get("max_capacity", 1 << 18))
+  cap = int(np.clip(math.ceil(vocab * d.get("capacity_factor", 1.0)),
+                    d.get("min_capacity", 64), d.get("max_capacity", 1 << 18)))
+  cap = max(cap, 8 * shards)
+  known = {"capacity_factor", "min_capacity", "max_capacity", "min_count", "admit_probability",
+           "steps_to_live", "min_frequency", "min_l2_norm", "max_load_factor",
+           "evict_every_steps", "evict_above_load_factor", "on_full", "max_probes",
+           "sketch_width"}
+  unknown = sorted(set(d.keys()) - known)
+  if unknown:
+    raise ValueError(f"config.embedding.dynamic_table has unknown fields {unknown}; "
+                     f"known: {sorted(known)}")
+  fields = {k: d[k] for k in known - {"capacity_factor", "min_capacity", "max_capacity"}
+            if d.get(k) is not None}
+  return dataclasses.replace(static, rows=None, init_scale=static.scale,
+                             dynamic=DynamicSpec(capacity=cap, **fields))
 
 
 def dense_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:

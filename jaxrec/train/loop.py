@@ -89,7 +89,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   state = place_state(state, emb)
   train_step, eval_step = jit_steps(graphdef, emb, tx, state)
   writer = MetricWriter(workdir)
-  table_rows = sum(t.rows for t in emb.table_specs.values())
+  table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "
        f"{steps:,} steps x batch {d.batch_size:,} on {jax.devices()[0].platform} "

@@ -25,8 +25,41 @@ def _forward(graphdef, params, feats, dense):
   return model(dense, jnp.stack(feats, axis=1))[:, 0].astype(jnp.float32)
 
 
+def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> Callable:
+  """The step for a ``DynamicEmbedding``: its forward inserts and evicts (integer state, no
+  custom_vjp), so the step differentiates w.r.t. the features and calls its ``update``."""
+  def train_step(state: TrainState, batch: dict):
+    step = state.step + 1
+    emb_state, feats, res, stats = emb.forward_train(state.emb, batch["ids"], batch["mask"],
+                                                     step)
+
+    def loss_fn(params, feats):
+      logits = _forward(graphdef, params, feats, batch["dense"])
+      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+
+    loss, (g_params, g_feats) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, feats)
+    emb_state = emb.update(emb_state, res, g_feats, step)
+    updates, opt_state = tx.update(g_params, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    tables = list(emb.table_specs)
+    metrics = {
+        "loss": loss,
+        "dense_grad_norm": optax.global_norm(g_params),
+        "embedding_overflow": sum(stats[f"{t}/overflow"] for t in tables),
+        "invalid_ids": jnp.zeros((), jnp.int32),
+        "dynamic/size": sum(stats[f"{t}/size"] for t in tables),  # rows held, all tables
+        **{f"dynamic/{k}": v for k, v in stats.items()},
+    }
+    return TrainState(step, params, opt_state, emb_state), metrics
+
+  return train_step
+
+
 def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation
                     ) -> Callable:
+  if getattr(emb, "is_dynamic", False):
+    return make_dynamic_train_step(graphdef, emb, tx)
+
   def train_step(state: TrainState, batch: dict):
     step = state.step + 1
 
