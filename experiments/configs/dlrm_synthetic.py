@@ -34,7 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       {f.name: getattr(SyntheticConfig(), f.name) for f in dataclasses.fields(SyntheticConfig)
        if f.name not in ("seed", "cardinalities", "max_ids")})
   c.data.num_dense = 13
-  c.data.train_examples = 5_000_000
+  c.data.train_examples = 10_000_000
   c.data.eval_examples = 200_000
   c.data.eval_start = 0          # 0: evaluate on the examples right after the training range
   c.data.batch_size = 1024

@@ -71,7 +71,7 @@ class SyntheticConfig:
   rare_power: float = 1.0
   num_pairs: int = 6                   # pairwise interaction terms among the largest features
   latent_dim: int = 4
-  pair_scale: float = 0.25
+  pair_scale: float = 0.2
   dense_scale: float = 0.3
   dense_nonlinear: float = 0.4
   drift: float = 0.0                   # identities shifted per example (0 = stationary)
