@@ -149,3 +149,71 @@ def dot_interaction(z, self_interaction: bool = False):
 def dot_interaction_reference(z, self_interaction: bool = False):
   rows, cols = upper_triangle_indices(z.shape[1], self_interaction)
   return jnp.einsum("bid,bjd->bij", z, z)[:, rows, cols]
+
+
+def _project(x, w, compute_dtype):
+  """x @ w, on bf16 operands with fp32 accumulation when compute_dtype is bfloat16."""
+  if compute_dtype == jnp.bfloat16:
+    return matmul_bf16(x, w)
+  return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+class CrossNetwork(nnx.Module):
+  """DCNv2's cross layers: x_{l+1} = x0 * (W_l x_l + b_l) + x_l, with a full-rank W_l [d, d]
+  or, with ``low_rank=r``, W_l = U_l V_l^T (U_l, V_l [d, r]): 2dr parameters instead of d^2.
+  Row vectors here, so W_l x_l is ``x_l @ kernel`` (kernel = W_l^T) or ``x_l @ v @ u``."""
+
+  def __init__(self, dim: int, num_layers: int, *, rngs: nnx.Rngs, low_rank: int | None = None,
+               compute_dtype=None):
+    if num_layers < 1:
+      raise ValueError(f"CrossNetwork: num_layers must be >= 1, got {num_layers}")
+    if low_rank is not None and not 0 < low_rank < dim:
+      raise ValueError(f"CrossNetwork: low_rank must be in (0, {dim}), got {low_rank}")
+    init = nnx.initializers.variance_scaling(1.0, "fan_avg", "normal")
+    if low_rank is None:
+      self.kernels = nnx.List([nnx.Param(init(rngs.params(), (dim, dim), jnp.float32))
+                               for _ in range(num_layers)])
+    else:
+      self.v = nnx.List([nnx.Param(init(rngs.params(), (dim, low_rank), jnp.float32))
+                         for _ in range(num_layers)])
+      self.u = nnx.List([nnx.Param(init(rngs.params(), (low_rank, dim), jnp.float32))
+                         for _ in range(num_layers)])
+    # Zero biases: at init each layer is x0 * (W x) + x, no constant x0 term.
+    self.biases = nnx.List([nnx.Param(jnp.zeros((dim,), jnp.float32)) for _ in range(num_layers)])
+    self.low_rank = low_rank
+    self.compute_dtype = compute_dtype
+
+  def __call__(self, x0):
+    x0 = x0.astype(jnp.float32)
+    x = x0
+    for l, b in enumerate(self.biases):
+      if self.low_rank is None:
+        wx = _project(x, self.kernels[l].get_value(), self.compute_dtype)
+      else:
+        h = _project(x, self.v[l].get_value(), self.compute_dtype)
+        wx = _project(h, self.u[l].get_value(), self.compute_dtype)
+      x = x0 * (wx + b.get_value()) + x
+    return x
+
+
+def fm_second_order(v):
+  """Factorization machine's pairwise term sum_{i<j} <v_i, v_j> for fields v [B, n, d] -> [B, 1],
+  by the O(nd) identity 0.5 * sum_d ((sum_i v_i)^2 - sum_i v_i^2); fp32 whatever v's dtype."""
+  v = v.astype(jnp.float32)
+  s = jnp.sum(v, axis=1)
+  return 0.5 * jnp.sum(s * s - jnp.sum(v * v, axis=1), axis=-1, keepdims=True)
+
+
+class FieldLinear(nnx.Module):
+  """A linear model over pooled field embeddings e [B, F, D]: sum_f <w_f, e_f> per output.
+
+  The first-order / wide term of DeepFM and Wide&Deep. Classically that is a 1-wide embedding
+  per ID; here the ID's weight is <w_f, E_f[id]>, so it shares the table the engine already
+  looks up (no second lookup), at the price of lying in the span of the D-dim embeddings."""
+
+  def __init__(self, num_fields: int, dim: int, out_features: int = 1, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(np.sqrt(1.0 / (num_fields * dim)))
+    self.kernel = nnx.Param(init(rngs.params(), (num_fields, dim, out_features), jnp.float32))
+
+  def __call__(self, e):
+    return jnp.einsum("bfd,fdo->bo", e.astype(jnp.float32), self.kernel.get_value())

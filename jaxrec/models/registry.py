@@ -28,3 +28,27 @@ def build_model(name: str, **kwargs) -> nnx.Module:
 def _dlrm(**kw):
   from jaxrec.models.dlrm import DLRM
   return DLRM(**kw)
+
+
+@register("dcnv2")
+def _dcnv2(**kw):
+  from jaxrec.models.dcnv2 import DCNv2
+  return DCNv2(**kw)
+
+
+@register("deepfm")
+def _deepfm(**kw):
+  from jaxrec.models.deepfm import DeepFM
+  return DeepFM(**kw)
+
+
+@register("wide_deep")
+def _wide_deep(**kw):
+  from jaxrec.models.wide_deep import WideDeep
+  return WideDeep(**kw)
+
+
+@register("mmoe")
+def _mmoe(**kw):
+  from jaxrec.models.mmoe import MMoE
+  return MMoE(**kw)
