@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.checkpoint import tree as tree_lib
+from jaxrec.embedding import routing
 
 _LANE_SEEDS = (0x243F6A88, 0x85A308D3)
 _COL_MULT = np.uint32(0x9E3779B9)
@@ -60,12 +61,7 @@ class RowGroup:
 # ---- fingerprints -----------------------------------------------------------------------------
 
 
-def _fmix32(h):
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
+_fmix32 = routing.fmix32
 
 
 def _words(x, row_axes: int):
