@@ -77,3 +77,25 @@ def test_cli_rejects_unknown_override(tmp_path):
       capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert out.returncode != 0
   assert "no_such_field" in out.stderr
+
+
+def test_cli_resumes_from_its_snapshot(tmp_path):
+  """A second run in the same workdir restores the final snapshot (tables, slots, dense params,
+  data position): it trains no step and evaluates the identical model."""
+  args = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+          "--config=" + os.path.join(ROOT, "experiments", "configs", "dlrm_synthetic.py") + ":tiny",
+          "--config.data.train_examples=20480", "--config.data.eval_examples=8192",
+          "--config.log_every_steps=5", "--config.checkpoint.every_steps=5",
+          f"--workdir={tmp_path}"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+  assert first.returncode == 0, first.stderr[-2000:]
+  versions = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert versions[0] == 0 and versions[-1] == 20, versions   # the run's start and its end
+  second = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "checkpoint: resumed from step 20 (example 20,480)" in second.stdout
+  assert not any(l.startswith("step ") for l in second.stdout.splitlines())  # none trained again
+  a = json.loads(first.stdout.strip().splitlines()[-1])
+  b = json.loads(second.stdout.strip().splitlines()[-1])
+  assert a["test_auc"] == b["test_auc"] and a["test_logloss"] == b["test_logloss"]

@@ -24,6 +24,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.mesh.shape = None               # None: every local device on one "data" axis
   c.mesh.axis_names = None          # None: ("data",), or ("host", "local") for 2-D shapes
 
+  # Snapshots in workdir/checkpoints (only when --workdir is given): resume on restart, roll
+  # back and skip the data window on a NaN/Inf or spiking loss.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every_steps = 2000
+  c.checkpoint.keep = 3
+  c.checkpoint.incremental = True
+  c.checkpoint.auto_rollback = True
+  c.checkpoint.spike_factor = 10.0
+
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"
   c.data.preset = "small"

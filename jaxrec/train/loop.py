@@ -70,6 +70,42 @@ def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray
   return np.concatenate(labels), np.concatenate(preds)
 
 
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
+def _open_checkpoints(config, workdir, emb, state):
+  """(checkpointer, anomaly guard, state, step, example position): resumes from the newest
+  complete snapshot in ``workdir/checkpoints`` when there is one. Without a workdir, or with
+  checkpoint.enabled False, nothing is saved and training starts at step 0."""
+  ck = config.get("checkpoint") or {}
+  if not workdir or not ck.get("enabled", True):
+    return None, None, state, 0, 0
+  from jaxrec import checkpoint as ckpt_lib
+  ckpt = ckpt_lib.Checkpointer(
+      ckpt_lib.checkpoint_dir(workdir),
+      ckpt_lib.SnapshotOptions(save_every_steps=int(ck.get("every_steps", 1000)),
+                               keep_latest=int(ck.get("keep", 3)),
+                               incremental=bool(ck.get("incremental", True))),
+      layouts={"emb": ckpt_lib.layout_for(emb)})
+  fresh = not ckpt.versions()
+  r = ckpt.restore_or_init(state)
+  for line in r.report:
+    _say(f"checkpoint: {line}")
+  step = int(r.step or 0)
+  pos = int((r.data_position or {}).get("example", 0))
+  if not fresh:
+    _say(f"checkpoint: resumed from step {step} (example {pos:,}) in {ckpt_lib.checkpoint_dir(workdir)}")
+  if fresh:  # a version to roll back to exists from the first step on
+    ckpt.save(step, r.state, data_position={"example": pos}, force=True)
+  guard = None
+  if ck.get("auto_rollback", True):
+    guard = ckpt_lib.AnomalyGuard(
+        ckpt, ckpt_lib.GuardOptions(spike_factor=float(ck.get("spike_factor", 10.0))))
+  return ckpt, guard, r.state, step, pos
+
+
 def train_and_evaluate(config, workdir: str | None = None) -> dict:
   """Trains the configured model on its data and returns the final summary."""
   d = config.data
@@ -111,32 +147,53 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                  mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
   _say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
-  source = Prefetcher(stream.batches(d.batch_size, 0, steps * d.batch_size),
-                      lambda b: jax.device_put(to_device(b), emb.batch_sharding), depth=4)
+  ckpt, guard, state, step, pos = _open_checkpoints(config, workdir, emb, state)
+  end = steps * d.batch_size
+  put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
   log_every = max(1, int(config.log_every_steps))
   t_start = time.perf_counter()
-  t_last, step_last = t_start, 0
-  loss_acc, n_acc = 0.0, 0
-  try:
-    for i, batch in enumerate(source, start=1):
-      state, m = compiled(state, batch)
-      if i % log_every == 0 or i == steps:
-        loss = float(m["loss"])  # syncs; only on log steps
-        now = time.perf_counter()
-        rate = (i - step_last) * d.batch_size / (now - t_last)
-        eta = (steps - i) * d.batch_size / max(rate, 1e-9)
-        _say(f"step {i:>6,}/{steps:,}  loss {loss:.4f}  {rate:>9,.0f} samples/s  "
-             f"ETA {_fmt_time(eta)}")
-        writer.write(step=i, loss=loss, samples_per_s=rate,
-                     **{k: float(v) for k, v in m.items() if k != "loss"})
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"loss became {loss} at step {i}")
-        t_last, step_last = now, i
-  finally:
-    source.close()
+  t_last, step_last, step_start = t_start, step, step
+  while pos + d.batch_size <= end:          # more than one pass only after a rollback
+    source = Prefetcher(stream.batches(d.batch_size, pos, end), put, depth=4)
+    rolled_back = False
+    try:
+      for batch in source:
+        state, m = compiled(state, batch)
+        step += 1
+        pos += d.batch_size
+        if guard is not None:
+          act = guard.observe(step, m, {"example": pos})
+          if act.kind == "abort":
+            raise FloatingPointError(act.reason)
+          if act.kind == "rollback":
+            r = guard.recover(act, _abstract(state))
+            state, step, pos = r.state, int(r.step), int(r.data_position["example"])
+            _say(f"checkpoint: {r.report[-1]}")
+            writer.write(step=step, event=r.report[-1])
+            t_last, step_last = time.perf_counter(), step
+            rolled_back = True
+            break
+        if ckpt is not None:
+          ckpt.save(step, state, data_position={"example": pos})   # async; the policy decides
+        if step % log_every == 0 or step == steps:
+          loss = float(m["loss"])  # syncs; only on log steps
+          now = time.perf_counter()
+          rate = (step - step_last) * d.batch_size / max(now - t_last, 1e-9)
+          eta = (steps - step) * d.batch_size / max(rate, 1e-9)
+          _say(f"step {step:>6,}/{steps:,}  loss {loss:.4f}  {rate:>9,.0f} samples/s  "
+               f"ETA {_fmt_time(eta)}")
+          writer.write(step=step, loss=loss, samples_per_s=rate,
+                       **{k: float(v) for k, v in m.items() if k != "loss"})
+          if not np.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}")
+          t_last, step_last = now, step
+    finally:
+      source.close()
+    if not rolled_back:
+      break
   jax.block_until_ready(state)
   train_time = time.perf_counter() - t_start
-  samples_per_s = steps * d.batch_size / train_time
+  samples_per_s = max(steps - step_start, 0) * d.batch_size / max(train_time, 1e-9)
 
   eval_start = int(d.get("eval_start") or d.train_examples)
   eval_n = int(d.eval_examples)
@@ -159,6 +216,11 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   }
   writer.write(step=steps, **{f"final/{k}": v for k, v in summary.items()})
   writer.close()
+  if ckpt is not None:
+    ckpt.save(step, state, data_position={"example": pos},
+              metrics={"auc": summary["test_auc"]}, force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
   _say(f"test AUC {summary['test_auc']:.4f}  vs  Bayes-optimal AUC {summary['bayes_auc']:.4f} "
        f"(gap {summary['bayes_auc'] - summary['test_auc']:.4f}; constant predictor 0.5000) | "
        f"logloss {summary['test_logloss']:.4f} (Bayes {summary['bayes_logloss']:.4f}, constant "
