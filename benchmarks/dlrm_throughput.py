@@ -50,6 +50,8 @@ flags.DEFINE_string("preset", None, f"named configuration: {sorted(_PRESETS)}")
 flags.DEFINE_string("torchrec_python", None,
                     "python of a venv with TorchRec: also run benchmarks/torchrec_dlrm.py")
 flags.DEFINE_integer("torch_threads", 0, "threads for TorchRec (0: all cores)")
+flags.DEFINE_bool("torchrec_malloc_tuning", False,
+                  "pass --malloc_tuning to TorchRec (glibc thresholds: its strongest CPU setting)")
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -131,6 +133,8 @@ def run_torchrec(cfg: dict) -> dict:
           f"--steps_per_window={cfg['steps_per_window']}", f"--windows={cfg['windows']}"]
   if FLAGS.torch_threads:
     args.append(f"--threads={FLAGS.torch_threads}")
+  if FLAGS.torchrec_malloc_tuning:
+    args.append("--malloc_tuning")
   out = subprocess.run(args, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     raise RuntimeError(f"torchrec_dlrm.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
