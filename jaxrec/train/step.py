@@ -44,7 +44,7 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
     tables = list(emb.table_specs)
     metrics = {
         "loss": loss,
-        "dense_grad_norm": optax.global_norm(g_params),
+        "dense_grad_norm": optax.tree.norm(g_params),
         "embedding_overflow": sum(stats[f"{t}/overflow"] for t in tables),
         "invalid_ids": jnp.zeros((), jnp.int32),
         "dynamic/size": sum(stats[f"{t}/size"] for t in tables),  # rows held, all tables
@@ -74,7 +74,7 @@ def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransform
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "dense_grad_norm": optax.global_norm(g_params),
+        "dense_grad_norm": optax.tree.norm(g_params),
         "embedding_overflow": stats[0],   # requests dropped by full buckets (0 by default)
         "invalid_ids": stats[1],          # out-of-range IDs of index tables, treated as padding
     }
