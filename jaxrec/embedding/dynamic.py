@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrec.data.batch import Batch, SparseLayout
 from jaxrec.embedding import hash_table as ht
 from jaxrec.embedding import optimizers, routing
+from jaxrec.embedding.engine import MeshEngine
 from jaxrec.embedding.admission import AdmissionPolicy
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.embedding.stacked import sparse_update
@@ -106,7 +107,7 @@ def eviction_policy(t: TableSpec) -> ht.EvictionPolicy | None:
                            min_l2_norm=d.min_l2_norm, max_load_factor=d.max_load_factor)
 
 
-class DynamicEmbedding:
+class DynamicEmbedding(MeshEngine):
   """Dynamic tables over a mesh: the same surface as ``ShardedEmbedding`` where a train step
   needs it (``init``, ``forward``, ``state_shardings``, ``batch_sharding``, ``check_batch``),
   plus ``forward_train`` / ``update`` (see the module docstring) and ``export``.
@@ -163,13 +164,6 @@ class DynamicEmbedding:
     return {n: jax.tree.map(lambda _: P(self.axes), jax.eval_shape(lambda: ht.init(s)))
             for n, s in self.specs.items()}
 
-  def state_shardings(self) -> dict:
-    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.state_specs(),
-                        is_leaf=lambda x: isinstance(x, P))
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(self.axes))
 
   def init(self, seed: int | jax.Array = 0) -> dict:
     """Empty tables ({table: HashTableState with a leading device axis}). Initial rows are a

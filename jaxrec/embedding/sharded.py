@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.data.batch import Batch, SparseLayout
 from jaxrec.embedding import optimizers, routing
+from jaxrec.embedding.engine import MeshEngine
 from jaxrec.embedding.planner import ShardingPlan, plan_sharding
 from jaxrec.embedding.routing import fmix32, id_rows, unique_inverse
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
@@ -80,7 +81,7 @@ def _uniform_bits(seed, salt, r, cols):
   return ((x >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24)), x
 
 
-class ShardedEmbedding:
+class ShardedEmbedding(MeshEngine):
   """Static plan (which lanes read which rows of which stack, on which devices) plus pure
   functions of the arrays: ``init``, ``lookup`` (the custom_vjp), ``forward``, ``update``.
 
@@ -204,14 +205,6 @@ class ShardedEmbedding:
              for s in self.stacks}
     return EmbeddingState(tables, slots)
 
-  def state_shardings(self) -> EmbeddingState:
-    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self.state_specs(),
-                        is_leaf=lambda x: isinstance(x, P))
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    """How ids/mask/dense/labels are split: examples over every device."""
-    return NamedSharding(self.mesh, P(self.axes))
 
   def _lead(self, s: Stack) -> tuple[int, ...]:
     return (s.rows,) if s.replicated else (self.num_devices, s.rows)
