@@ -182,14 +182,8 @@ class StackedEmbeddingLayout:
         seen.add(t)
       out[tkey] = arr
       out.update({f"slots/{name}/{k}": a for k, a in sl.items()})
-    dropped = sorted(set(tables) - seen)
-    for t in dropped:
-      report.append(f"table {t}: in the snapshot, not in this config; ignored")
-    if not partial and (missing or dropped):
-      raise LayoutMismatchError(
-          "embedding tables differ between the snapshot and this config: "
-          + "; ".join(missing + [f"table {t}: not in this config" for t in dropped])
-          + ". Restore with warm_start=True to keep the tables that match")
+    report += _check_tables("embedding tables", "table", missing, sorted(set(tables) - seen),
+                            partial)
     return out, report
 
 
@@ -371,15 +365,22 @@ class DynamicEmbeddingLayout:
         conv, rep = layout.convert(saved["tables"][n], sub(arrays), sub(template), partial)
       out.update({f"{n}/{p}": a for p, a in conv.items()})
       report += rep
-    dropped = sorted(set(saved["tables"]) - set(self.tables))
-    report += [f"hash table {t}: in the snapshot, not in this config; ignored" for t in dropped]
-    if not partial and (missing or dropped):
-      raise LayoutMismatchError(
-          "dynamic tables differ between the snapshot and this config: "
-          + "; ".join(missing + [f"hash table {t}: not in this config" for t in dropped])
-          + ". Restore with warm_start=True to keep the tables that match")
+    report += _check_tables("dynamic tables", "hash table", missing,
+                            sorted(set(saved["tables"]) - set(self.tables)), partial)
     return out, report
 
+
+
+def _check_tables(what: str, noun: str, missing: list[str], dropped: list[str], partial: bool
+                  ) -> list[str]:
+  """Report lines for tables only the snapshot has; without ``partial`` (a warm start) any
+  table present on one side only is an error that names it."""
+  if not partial and (missing or dropped):
+    raise LayoutMismatchError(
+        f"{what} differ between the snapshot and this config: "
+        + "; ".join(missing + [f"{noun} {t}: not in this config" for t in dropped])
+        + ". Restore with warm_start=True to keep the tables that match")
+  return [f"{noun} {t}: in the snapshot, not in this config; ignored" for t in dropped]
 
 def layout_for(emb) -> Layout:
   """The layout of an embedding engine's state (static stacks or dynamic hash tables)."""
