@@ -8,7 +8,6 @@ the touched rows. The engine runs every sharding type and optimizer on meshes (1
 
 from __future__ import annotations
 
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,8 @@ from jax.sharding import AxisType
 
 from jaxrec.embedding.sharded import ShardedEmbedding
 from jaxrec.embedding.specs import FeatureSpec, SparseOptimizer, TableSpec
+
+import reference
 
 MESHES = {"1": ((1,), ("data",)), "8": ((8,), ("data",)), "2x4": ((2, 4), ("host", "local"))}
 OPTS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "ftrl")
@@ -32,21 +33,9 @@ def make_mesh(name):
 
 # ---- the reference -----------------------------------------------------------------------------
 
-def _fmix32(h):
-  h = h.astype(np.uint32)
-  h ^= h >> np.uint32(16)
-  h *= np.uint32(0x85EBCA6B)
-  h ^= h >> np.uint32(13)
-  h *= np.uint32(0xC2B2AE35)
-  return h ^ (h >> np.uint32(16))
-
-
 def ref_rows(table: TableSpec, ids: np.ndarray):
   """(rows, dropped) of uint64 IDs: hash32(id) % rows, or the ID itself for index tables."""
-  salt = np.uint32((zlib.crc32(table.name.encode()) * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF)
-  lo = (ids & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-  hi = (ids >> np.uint64(32)).astype(np.uint32)
-  rows = (_fmix32(lo ^ _fmix32(hi ^ salt)) % np.uint32(table.rows)).astype(np.int64)
+  rows = reference.hashed_rows(ids, table.name, table.rows)
   if table.ids == "hashed":
     return rows, np.zeros(ids.shape, bool)
   ok = ids < np.uint64(table.rows)

@@ -12,6 +12,8 @@ from jaxrec.distributed.mesh import make_mesh
 from jaxrec.embedding.sharded import ShardedEmbedding
 from jaxrec.embedding.stacked import sparse_update
 
+import reference
+
 
 def _dense_reference(opt, table, slots, rows, grads, valid, step):
   """Dense gradient [rows, dim], then the optimizer on touched rows only."""
@@ -111,17 +113,4 @@ def test_lookup_and_pooling_match_take():
 
 def _rows(ids, table, rows):
   """hash32(id) % rows with the documented hash (murmur3 fmix32 of lo ^ fmix32(hi ^ salt))."""
-  import zlib
-
-  def fmix(h):
-    h = h.astype(np.uint32)
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x85EBCA6B)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-  salt = np.uint32((zlib.crc32(table.encode()) * 0x9E3779B1 + 0x7F4A7C15) & 0xFFFFFFFF)
-  lo = (ids & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-  hi = (ids >> np.uint64(32)).astype(np.uint32)
-  return (fmix(lo ^ fmix(hi ^ salt)) % np.uint32(rows)).astype(np.int64)
+  return reference.hashed_rows(ids, table, rows)
