@@ -3,6 +3,7 @@
   python benchmarks/dlrm_throughput.py                              # CPU acceptance config
   python benchmarks/dlrm_throughput.py --optimizer=adagrad
   python benchmarks/dlrm_throughput.py --torchrec_python=/work/torchrec-venv/bin/python
+  python benchmarks/dlrm_throughput.py --torchrec_python=... --torchrec_both  # stock + tuned
   python benchmarks/dlrm_throughput.py --preset=kaggle_gpu          # on a GPU
 
 Data is generated (uniform or Zipf IDs, log-normal dense features) before timing and cycled;
@@ -52,6 +53,8 @@ flags.DEFINE_string("torchrec_python", None,
 flags.DEFINE_integer("torch_threads", 0, "threads for TorchRec (0: all cores)")
 flags.DEFINE_bool("torchrec_malloc_tuning", False,
                   "pass --malloc_tuning to TorchRec (glibc thresholds: its strongest CPU setting)")
+flags.DEFINE_bool("torchrec_both", False,
+                  "run TorchRec twice, stock and with --malloc_tuning, and compare with both")
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -123,7 +126,7 @@ def run_jaxrec(cfg: dict) -> dict:
           "jax": jax.__version__, "table_rows": rows, "last_loss": loss}
 
 
-def run_torchrec(cfg: dict) -> dict:
+def run_torchrec(cfg: dict, malloc_tuning: bool) -> dict:
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchrec_dlrm.py")
   args = [FLAGS.torchrec_python, script, f"--batch_size={cfg['batch_size']}",
           f"--embedding_dim={cfg['embedding_dim']}", f"--num_tables={cfg['num_tables']}",
@@ -133,7 +136,7 @@ def run_torchrec(cfg: dict) -> dict:
           f"--steps_per_window={cfg['steps_per_window']}", f"--windows={cfg['windows']}"]
   if FLAGS.torch_threads:
     args.append(f"--threads={FLAGS.torch_threads}")
-  if FLAGS.torchrec_malloc_tuning:
+  if malloc_tuning:
     args.append("--malloc_tuning")
   out = subprocess.run(args, capture_output=True, text=True, check=False)
   if out.returncode != 0:
@@ -157,22 +160,27 @@ def main(argv):
   if FLAGS.torchrec_python:
     if cfg["compute_dtype"] != "float32" or not cfg["rows_per_table"]:
       print("note: TorchRec runs fp32 with rows_per_table tables", file=sys.stderr)
-    results.append(run_torchrec(cfg))
+    tunings = [False, True] if FLAGS.torchrec_both else [FLAGS.torchrec_malloc_tuning]
+    for tuned in tunings:
+      r = run_torchrec(cfg, tuned)
+      r["framework"] = "torchrec+malloc" if tuned else "torchrec"
+      results.append(r)
   print(f"\nDLRM training throughput — batch {cfg['batch_size']}, dim {cfg['embedding_dim']}, "
         f"{cfg['num_tables']} tables, MLPs {cfg['bottom_mlp']} / {cfg['top_mlp']}, "
         f"optimizer {cfg['optimizer']}, {cfg['compute_dtype']}, {platform.processor() or platform.machine()}")
-  print(f"{'framework':<10} {'samples/s (median)':>20} {'windows':>40}")
+  print(f"{'framework':<16} {'samples/s (median)':>20} {'windows':>40}")
   for r in results:
     ws = ", ".join(f"{w:,.0f}" for w in r["window_samples_per_s"])
-    print(f"{r['framework']:<10} {r['samples_per_s']:>20,.0f}   [{ws}]")
+    print(f"{r['framework']:<16} {r['samples_per_s']:>20,.0f}   [{ws}]")
   summary = dict(cfg, samples_per_s=results[0]["samples_per_s"],
                  window_samples_per_s=results[0]["window_samples_per_s"],
                  device=results[0]["device"], num_devices=results[0]["num_devices"],
                  compile_s=results[0]["compile_s"])
-  if len(results) > 1:
-    summary["torchrec_samples_per_s"] = results[1]["samples_per_s"]
-    summary["speedup_vs_torchrec"] = results[0]["samples_per_s"] / results[1]["samples_per_s"]
-    print(f"jaxrec / torchrec = {summary['speedup_vs_torchrec']:.2f}x")
+  for r in results[1:]:
+    key = r["framework"].replace("+", "_")
+    summary[f"{key}_samples_per_s"] = r["samples_per_s"]
+    summary[f"speedup_vs_{key}"] = results[0]["samples_per_s"] / r["samples_per_s"]
+    print(f"jaxrec / {r['framework']} = {summary[f'speedup_vs_{key}']:.2f}x")
   print(json.dumps(summary))
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxrec.models.dlrm import DLRM
-from jaxrec.models.layers import (MLP, _bf16_transpose, dot_interaction,
+from jaxrec.models.layers import (MLP, _bf16_transpose, concat_fields, dot_interaction,
                                   dot_interaction_reference, matmul_bf16)
 
 
@@ -65,3 +65,12 @@ def test_dlrm_shapes_and_config_errors():
   mb = DLRM(num_dense=13, num_sparse=3, embedding_dim=4, bottom_mlp=(8, 4), top_mlp=(8, 1),
             rngs=nnx.Rngs(0), compute_dtype=jnp.bfloat16)
   np.testing.assert_allclose(mb(jnp.ones((2, 13)), jnp.ones((2, 3, 4))), out, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dim", [4, 8, 12, 16, 64])
+def test_concat_fields_equals_concatenate(dim):
+  rng = np.random.default_rng(dim)
+  a = rng.normal(size=(5, 1, dim)).astype(np.float32)
+  b = rng.normal(size=(5, 3, dim)).astype(np.float32)
+  np.testing.assert_array_equal(concat_fields([jnp.asarray(a), jnp.asarray(b)]),
+                                np.concatenate([a, b], axis=1))

@@ -184,8 +184,8 @@ def every_type_and_optimizer(rotation: int, same: str | None = None):
 
 
 def run_against_reference(mesh_name, rotation=0, same=None, steps=3, batch=32,
-                          capacity_factor=None):
-  tables, features = every_type_and_optimizer(rotation, same)
+                          capacity_factor=None, tables_features=None):
+  tables, features = tables_features or every_type_and_optimizer(rotation, same)
   spec = {t.name: t for t in tables}
   mesh = make_mesh(mesh_name)
   emb = ShardedEmbedding(tables, features, mesh, capacity_factor=capacity_factor)
@@ -248,6 +248,23 @@ def test_mixed_stack_matches_dense_reference(mesh_name):
   """All sharded types' pieces in one stack (one slab per device, one all_to_all)."""
   emb, _ = run_against_reference(mesh_name, same="adam")
   assert sum(not s.replicated for s in emb.stacks) == 1
+
+
+@pytest.mark.parametrize("mesh_name", ["1", "8"])
+def test_wide_replicated_tables_match_dense_reference(mesh_name):
+  """Data-parallel tables of widths that take the tiled row gather (16, 64), one that does not
+  (12), with SGD (on one device: a scatter-add per occurrence, no dedup) and row-wise Adagrad."""
+  tables, features = [], []
+  for name, dim, opt in [("s16", 16, "sgd"), ("s64", 64, "sgd"), ("s12", 12, "sgd"),
+                         ("a64", 64, "rowwise_adagrad")]:
+    tables.append(TableSpec(name, rows=29, dim=dim, sharding="data_parallel", init_scale=0.5,
+                            optimizer=SparseOptimizer(opt, learning_rate=0.05,
+                                                      initial_accumulator=0.1)))
+    features.append(FeatureSpec(f"f_{name}", name, "sum", 1))
+    features.append(FeatureSpec(f"g_{name}", name, "mean" if dim == 64 else "sum", 4))
+  emb, _ = run_against_reference(mesh_name, tables_features=(tables, features))
+  direct = {s.name for s in emb.stacks if emb._scatter_occurrences(s)}
+  assert bool(direct) == (mesh_name == "1")
 
 
 @pytest.mark.slow

@@ -114,3 +114,13 @@ def test_lookup_and_pooling_match_take():
 def _rows(ids, table, rows):
   """hash32(id) % rows with the documented hash (murmur3 fmix32 of lo ^ fmix32(hi ^ salt))."""
   return reference.hashed_rows(ids, table, rows)
+
+
+@pytest.mark.parametrize("dim", [4, 8, 12, 16, 64])
+def test_take_rows_is_row_indexing_with_zero_fill(dim):
+  from jaxrec.embedding.routing import take_rows
+  rng = np.random.default_rng(dim)
+  table = rng.normal(size=(30, dim)).astype(np.float32)
+  idx = rng.integers(0, 33, (7, 5)).astype(np.int32)   # 30..32 are out of range
+  want = np.where((idx < 30)[..., None], table[np.minimum(idx, 29)], 0)
+  np.testing.assert_array_equal(take_rows(jnp.asarray(table), jnp.asarray(idx)), want)

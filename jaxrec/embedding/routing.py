@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +77,19 @@ def unique_inverse(keys, sentinel: int):
       sk, mode="drop", unique_indices=True)
   inverse = jnp.searchsorted(uniq, keys, side="left", method="scan_unrolled").astype(jnp.int32)
   return uniq, inverse
+
+
+def take_rows(table, idx):
+  """``table[idx]`` along rows, zeros where ``idx`` is out of range.
+
+  Rows of a multiple of 8 values are gathered as [dim // 8, 8] blocks: XLA:CPU copies those
+  about 3x faster than 64-wide rows (and fuses them into consumers just as well).
+  """
+  n, d = table.shape
+  if d % 8 or d == 8:
+    return jnp.take(table, idx, axis=0, mode="fill", fill_value=0)
+  out = jnp.take(table.reshape(n, d // 8, 8), idx, axis=0, mode="fill", fill_value=0)
+  return out.reshape(*idx.shape, d)
 
 
 def flat_axes(mesh) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ from jaxrec.data.batch import Batch, SparseLayout
 from jaxrec.embedding import optimizers, routing
 from jaxrec.embedding.engine import MeshEngine
 from jaxrec.embedding.planner import ShardingPlan, plan_sharding
-from jaxrec.embedding.routing import fmix32, id_rows, unique_inverse
+from jaxrec.embedding.routing import fmix32, id_rows, take_rows, unique_inverse
 from jaxrec.embedding.specs import FeatureSpec, TableSpec, validate
 from jaxrec.embedding.stacked import EmbeddingState, Piece, Stack, build_stacks, sparse_update
 
@@ -378,13 +378,15 @@ class ShardedEmbedding(MeshEngine):
       if s.replicated:
         offs = jnp.asarray(s.offsets[ln.piece].astype(np.int32))
         grow = jnp.where(valid, row + offs, s.rows).reshape(-1)
-        # Dedup first: gather each distinct row once from the big table, then expand from the
-        # small unique block (and the backward needs no second sort).
-        uniq, inverse = unique_inverse(grow, s.rows)
-        vals = jnp.take(tables[s.name], uniq, axis=0, mode="fill", fill_value=0)
-        occ = jnp.take(vals, inverse, axis=0).reshape(*valid.shape, s.dim)
-        res[s.name] = {"uniq": uniq[None], "inverse": inverse.reshape(valid.shape),
-                       "valid": valid}
+        # One gather per occurrence: a dedup-then-expand pair of gathers is fused back into
+        # one by XLA anyway, with the binary search of the inverse redone per element.
+        occ = take_rows(tables[s.name], grow).reshape(*valid.shape, s.dim)
+        if self._scatter_occurrences(s):
+          res[s.name] = {"rows": grow[None], "valid": valid}
+        else:  # the backward sums gradients per distinct row
+          uniq, inverse = unique_inverse(grow, s.rows)
+          res[s.name] = {"uniq": uniq[None], "inverse": inverse.reshape(valid.shape),
+                         "valid": valid}
       else:
         occ, r, of = self._route_and_gather(s, ln, tables[s.name][0], row, valid)
         res[s.name] = r
@@ -396,6 +398,12 @@ class ShardedEmbedding(MeshEngine):
       feats.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1))
     stats = jax.lax.psum(jnp.stack([overflow, invalid]), self.axes)
     return feats, res, stats
+
+  def _scatter_occurrences(self, s: Stack) -> bool:
+    """Whether a replicated stack's backward scatter-adds per occurrence (no dedup sort):
+    plain SGD on fp32 is linear in the gradient, and one device has nothing to exchange."""
+    return (s.replicated and self.num_devices == 1 and s.optimizer.name == "sgd"
+            and np.dtype(s.dtype) == np.float32)
 
   def _route_and_gather(self, s: Stack, ln: _Lanes, slab, row, valid):
     """Dedup, bucket by owner, all_to_all, gather on owners, all_to_all back, expand."""
@@ -426,10 +434,9 @@ class ShardedEmbedding(MeshEngine):
     send = jnp.full((nd * cap,), rows_l, jnp.int32).at[slot].set(
         uniq - dst_u * rows_l, mode="drop", unique_indices=True)
     recv = jax.lax.all_to_all(send.reshape(nd, cap), self.axes, 0, 0, tiled=True).reshape(-1)
-    vals = jnp.take(slab, recv, axis=0, mode="fill", fill_value=0)
+    vals = take_rows(slab, recv)
     back = jax.lax.all_to_all(vals.reshape(nd, cap, s.dim), self.axes, 0, 0, tiled=True)
-    occ = jnp.take(back.reshape(nd * cap, s.dim), jnp.take(slot, inverse), axis=0,
-                   mode="fill", fill_value=0)
+    occ = take_rows(back.reshape(nd * cap, s.dim), jnp.take(slot, inverse))
     # Which unique request fills each send slot: the backward gathers gradients with it.
     src = jnp.full((nd * cap,), m, jnp.int32).at[slot].set(
         jnp.arange(m, dtype=jnp.int32), mode="drop", unique_indices=True)
@@ -512,12 +519,19 @@ class ShardedEmbedding(MeshEngine):
       g = self._lane_grads(s, ln, g_feats, r["valid"])
       m = g.shape[0] * ln.num
       g = g.reshape(m, s.grad_dim)
+      if s.replicated and "rows" in r:  # SGD on one device: scatter-add every occurrence
+        rows = r["rows"][0]
+        tables[s.name], slots[s.name] = sparse_update(
+            s.optimizer, tables[s.name], slots[s.name], rows, g, rows < s.rows, step)
+        continue
       if s.replicated:
         g = jax.ops.segment_sum(g, r["inverse"].reshape(-1), num_segments=m)
-        # Every replica applies the same update from the same gathered (row, gradient) pairs,
-        # deduplicated again across devices.
-        rows = jax.lax.all_gather(r["uniq"][0], self.axes, tiled=True)
-        g = jax.lax.all_gather(g, self.axes, tiled=True)
+        rows = r["uniq"][0]
+        if self.num_devices > 1:
+          # Every replica applies the same update from the same gathered (row, gradient)
+          # pairs, deduplicated again across devices.
+          rows = jax.lax.all_gather(rows, self.axes, tiled=True)
+          g = jax.lax.all_gather(g, self.axes, tiled=True)
         tables[s.name], slots[s.name] = sparse_update(
             s.optimizer, tables[s.name], slots[s.name], rows, g, rows < s.rows, step,
             assume_unique=self.num_devices == 1)

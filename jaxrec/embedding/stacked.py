@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.embedding import optimizers
-from jaxrec.embedding.routing import unique_inverse
+from jaxrec.embedding.routing import take_rows, unique_inverse
 from jaxrec.embedding.specs import SparseOptimizer, TableSpec
 
 
@@ -144,7 +144,7 @@ def sparse_update(opt: SparseOptimizer, table, slots: dict, rows, grads, valid, 
     summed = grads.astype(jnp.float32)
   else:
     uniq, summed = dedup_rows(rows, grads, valid, num_rows)
-  w = jnp.take(table, uniq, axis=0, mode="fill", fill_value=0)
+  w = take_rows(table, uniq)
   srows = {k: jnp.take(v, uniq, axis=0, mode="fill", fill_value=0) for k, v in slots.items()}
   new_w, new_s = optimizers.apply_rows(opt, w, srows, summed, step)
   table = table.at[uniq].set(new_w.astype(table.dtype), mode="drop", unique_indices=True)

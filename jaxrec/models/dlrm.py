@@ -8,7 +8,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrec.models.layers import MLP, dot_interaction
+from jaxrec.models.layers import MLP, concat_fields, dot_interaction
 
 
 class DLRM(nnx.Module):
@@ -30,7 +30,7 @@ class DLRM(nnx.Module):
   def __call__(self, dense, sparse):
     """dense [B, num_dense]; sparse [B, num_sparse, D] pooled embeddings -> logits [B, tasks]."""
     x = self.bottom(dense)
-    z = jnp.concatenate([x[:, None, :].astype(sparse.dtype), sparse], axis=1)
+    z = concat_fields([x[:, None, :].astype(sparse.dtype), sparse])
     if self.compute_dtype is not None:
       z = z.astype(self.compute_dtype)
     inter = dot_interaction(z)

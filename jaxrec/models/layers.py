@@ -100,6 +100,20 @@ class MLP(nnx.Module):
     return x
 
 
+def concat_fields(parts, axis: int = 1):
+  """``jnp.concatenate(parts, axis)`` of [B, n_i, D] field tensors, done on [B, n_i, D/8, 8].
+
+  The concatenation is where XLA:CPU fuses the embedding gather; with 8-wide innermost tiles
+  its loop runs about 6x faster than with D-wide rows (same values, same result layout).
+  """
+  d = parts[0].shape[-1]
+  if d % 8 or d == 8 or any(p.ndim != 3 for p in parts):
+    return jnp.concatenate(parts, axis=axis)
+  tiled = [p.reshape(*p.shape[:-1], d // 8, 8) for p in parts]
+  out = jnp.concatenate(tiled, axis=axis)
+  return out.reshape(*out.shape[:-2], d)
+
+
 def upper_triangle_indices(n: int, self_interaction: bool = False):
   return np.triu_indices(n, 0 if self_interaction else 1)
 
