@@ -450,6 +450,8 @@ class ServingReplica:
     self._starts = np.zeros(buckets + 1, np.int32 if n < 2**31 else np.int64)
     np.cumsum(counts, out=self._starts[1:])
     self._width = int(min(counts.max(), _MAX_BUCKET))
+    self._crowded = bool(counts.max() > _MAX_BUCKET)
+    self._slots = np.arange(self._width)
     self._last_bucket = np.uint64(buckets - 1)
 
   def __repr__(self) -> str:
@@ -465,21 +467,22 @@ class ServingReplica:
     return ServingReplica(self.path)
 
   def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row of each key in the key column, found) for uint64 ``keys``."""
+    """(row of each key in the key column, found) for uint64 ``keys``; rows of missing keys
+    are meaningless (but inside the column)."""
     n = len(self.keys)
     if not n:
       return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
     rel = keys - self._min                       # keys below the minimum wrap to huge values
     bucket = np.minimum(rel >> self._shift, self._last_bucket).astype(np.int64)
-    lo = self._starts[bucket].astype(np.int64)
-    count = self._starts[bucket + 1] - lo
-    slots = np.arange(self._width)
-    window = self.keys[np.minimum(lo[:, None] + slots, n - 1)]
-    hit = (window == keys[:, None]) & (slots < count[:, None])
+    lo = np.take(self._starts, bucket).astype(np.int64)
+    # A key can only sit in its own bucket, so reading past the bucket's end (into the next
+    # bucket, or clipped at the column's end) never makes a false match.
+    window = np.take(self.keys, lo[:, None] + self._slots, mode="clip")
+    hit = window == keys[:, None]
     found = hit.any(1)
-    rows = lo + hit.argmax(1)
-    crowded = np.flatnonzero(count > self._width)
-    if len(crowded):  # buckets wider than the window: binary search those keys
+    rows = np.minimum(lo + hit.argmax(1), n - 1)
+    if self._crowded:  # buckets wider than the window: binary search their keys
+      crowded = np.flatnonzero(np.take(self._starts, bucket + 1) - lo > self._width)
       r = np.minimum(np.searchsorted(self.keys, keys[crowded]), n - 1)
       rows[crowded] = r
       found[crowded] = self.keys[r] == keys[crowded]
@@ -489,7 +492,8 @@ class ServingReplica:
     keys = _as_keys(keys, "get")
     rows, found = self.lookup(keys)
     if len(self.keys):
-      recs = self.records[rows]               # one gather from the mapped file (a copy)
+      # np.take copies whole records; fancy indexing a structured memmap is ~4x slower.
+      recs = np.take(self.records, rows)
       if not found.all():
         recs[~found] = np.zeros((), self.schema.record_dtype)
     else:
