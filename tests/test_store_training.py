@@ -81,7 +81,8 @@ def test_store_in_order_trains_like_the_synthetic_source(stores, synthetic_run):
   assert 0.6 < s["test_auc"] < s["bayes_auc"] + 0.005, s
 
 
-def test_shuffled_store_run_resumes_exactly(stores, tmp_path):
+@pytest.mark.slow   # three trainings; test_resumed_pipeline_reads_the_uninterrupted_batches
+def test_shuffled_store_run_resumes_exactly(stores, tmp_path):   # is the fast version
   full = train_and_evaluate(store_config(stores), str(tmp_path / "full"))
   k = 6
   part = train_and_evaluate(store_config(stores, train_examples=k * 1024),
@@ -101,18 +102,30 @@ def test_shuffled_store_run_resumes_exactly(stores, tmp_path):
   assert pos["store"]["store_version"] == FeatureStore(stores[0]).head().version
 
 
-def test_resume_with_another_order_is_refused(stores):
+def test_resumed_pipeline_reads_the_uninterrupted_batches(stores):
+  """What the training loop does on resume, without training: the source reopened from the
+  checkpointed position (through JSON, as the checkpoint stores it) yields exactly the rest of
+  the uninterrupted shuffled sequence; a position saved under another order is refused."""
   from jaxrec.train import sources
-  data = sources.open_data(store_config(stores))
-  data.resume_from(data.position(4 * 1024))
-  first = next(iter(data.train_batches(4 * 1024, 5 * 1024)))
-  want = sources.open_data(store_config(stores)).train_batches(0, 5 * 1024)
-  *_, fifth = want
-  assert np.array_equal(first.ids, fifth.ids) and np.array_equal(first.labels, fifth.labels)
+  steps, k = N_TRAIN // 1024, 5
+  whole = list(sources.open_data(store_config(stores)).train_batches(0, steps * 1024))
+  assert len(whole) == steps
+  first = sources.open_data(store_config(stores))
+  saved = json.loads(json.dumps(first.position(k * 1024)))
+  assert saved["store"]["next_index"] == k and saved["store"]["seed"] == 0
+  again = sources.open_data(store_config(stores))
+  again.resume_from(saved)
+  rest = list(again.train_batches(k * 1024, steps * 1024))
+  assert len(rest) == steps - k
+  for got, want in zip(rest, whole[k:]):
+    for f in ("dense", "ids", "mask", "labels"):
+      assert np.array_equal(getattr(got, f), getattr(want, f)), f
+  # Shuffled: not the store order.
+  assert not np.array_equal(whole[0].labels, FeatureStore(stores[0]).open().read(0, 1024).labels)
   other = sources.open_data(store_config(stores, shuffle_seed=1))
-  other.resume_from(data.position(4 * 1024))
+  other.resume_from(saved)
   with pytest.raises(ValueError, match="seed"):
-    other.train_batches(4 * 1024, 5 * 1024)
+    other.train_batches(k * 1024, steps * 1024)
 
 
 def _criteo_lines(rng, n: int) -> list[str]:
