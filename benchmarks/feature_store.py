@@ -14,9 +14,13 @@ fed by the pipeline. Goal: pipeline >= 3x the step's examples/s.
 in ascending key batches. ``--lookups`` batch gets of ``--lookup_keys`` uniformly random stored
 keys are timed three ways: through a pinned snapshot of a freshly opened store (B+tree nodes
 decoded from the files as they are first touched), again after ``warm_cache()`` (every node
-cached), and through a serving replica (the version exported to memory-mapped local files).
-Goal: p99 < 5 ms for 1,000 keys; ``lookup_p99_ms`` in the JSON is the replica's figure and
-``lookup_ocdbt_*`` the direct OCDBT ones. Sizes and timings are printed; the last line is JSON.
+cached), and through a serving replica (the version exported to memory-mapped local files),
+the last also with the timing thread at real-time priority (``--realtime``): on a shared,
+loaded machine the p99 of a sub-millisecond get is set by the scheduler's time slices.
+Goal: p99 < 5 ms for 1,000 keys; ``lookup_p99_ms`` in the JSON is the replica's figure at
+normal priority, ``lookup_realtime_*`` at real-time priority and ``lookup_ocdbt_*`` the direct
+OCDBT ones. ``--keep --dir=D`` keeps the stores (and a replica of the same version) for the
+next run: ``--parts=online --lookup_paths=replica`` then times the replica alone. Sizes and timings are printed; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ flags.DEFINE_integer("dim", 32, "entity vector width (float32)")
 flags.DEFINE_integer("put_batch", 500_000, "entities per put (one OCDBT commit each)")
 flags.DEFINE_integer("lookups", 300, "timed batch gets")
 flags.DEFINE_integer("lookup_keys", 1000, "keys per batch get")
+flags.DEFINE_list("lookup_paths", ["ocdbt", "replica"], "which lookup paths to time (ocdbt: "
+                  "straight from the OCDBT store; replica: the serving replica)")
+flags.DEFINE_bool("realtime", True, "also time the replica with the timing thread at real-time "
+                  "priority (SCHED_FIFO 1, as a serving host would run it), where permitted")
 flags.DEFINE_integer("cache_mib", 4096, "B+tree node cache of the reading store handle")
 
 
@@ -220,36 +228,67 @@ def _latencies(get, keys: np.ndarray, rng) -> np.ndarray:
   return np.array(lat)
 
 
+def _at_realtime_priority(fn):
+  """fn() with this thread at SCHED_FIFO priority 1 (None where not permitted). On a loaded
+  machine the p99 of a sub-millisecond get is the scheduler's time slice, not the lookup."""
+  try:
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+  except (AttributeError, PermissionError, OSError):
+    return None
+  try:
+    return fn()
+  finally:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def lookup_latency(path: str, replica_path: str) -> dict:
   from jaxrec.data.online import OnlineFeatureStore, ServingReplica
   store = OnlineFeatureStore(path, cache_bytes=FLAGS.cache_mib << 20)  # fresh: empty cache
   snap = store.snapshot()
   keys = entity_keys(FLAGS.entities)
   rng = np.random.default_rng(1)
-  ocdbt = _latencies(snap.get, keys, rng)
-  t = time.perf_counter()
-  snap.warm_cache()
-  warm_s = time.perf_counter() - t
-  warm = _latencies(snap.get, keys, rng)
-  t = time.perf_counter()
-  for _ in range(20):
-    store.get(keys[rng.integers(0, len(keys), FLAGS.lookup_keys)])
-  latest_ms = (time.perf_counter() - t) / 20 * 1e3
-  t = time.perf_counter()
-  snap.export(replica_path)
-  export_s = time.perf_counter() - t
-  replica = _latencies(ServingReplica(replica_path).get, keys, rng)
-  return {"lookup_p50_ms": float(np.percentile(replica, 50)),
-          "lookup_p99_ms": float(np.percentile(replica, 99)),
-          "lookup_path": "serving replica (mmap of an exported OCDBT version)",
-          "replica_export_s": export_s,
-          "lookup_ocdbt_p50_ms": float(np.percentile(ocdbt, 50)),
-          "lookup_ocdbt_p99_ms": float(np.percentile(ocdbt, 99)),
-          "lookup_ocdbt_first_ms": float(ocdbt[0]),
-          "warm_cache_s": warm_s,
-          "lookup_ocdbt_warm_p50_ms": float(np.percentile(warm, 50)),
-          "lookup_ocdbt_warm_p99_ms": float(np.percentile(warm, 99)),
-          "lookup_ocdbt_latest_version_mean_ms": latest_ms}
+  out = {}
+  if "ocdbt" in FLAGS.lookup_paths:
+    ocdbt = _latencies(snap.get, keys, rng)
+    t = time.perf_counter()
+    snap.warm_cache()
+    warm_s = time.perf_counter() - t
+    warm = _latencies(snap.get, keys, rng)
+    t = time.perf_counter()
+    for _ in range(20):
+      store.get(keys[rng.integers(0, len(keys), FLAGS.lookup_keys)])
+    latest_ms = (time.perf_counter() - t) / 20 * 1e3
+    out.update({"lookup_ocdbt_p50_ms": float(np.percentile(ocdbt, 50)),
+                "lookup_ocdbt_p99_ms": float(np.percentile(ocdbt, 99)),
+                "lookup_ocdbt_first_ms": float(ocdbt[0]),
+                "warm_cache_s": warm_s,
+                "lookup_ocdbt_warm_p50_ms": float(np.percentile(warm, 50)),
+                "lookup_ocdbt_warm_p99_ms": float(np.percentile(warm, 99)),
+                "lookup_ocdbt_latest_version_mean_ms": latest_ms})
+  if "replica" in FLAGS.lookup_paths:
+    export_s = None
+    try:  # with --keep, a replica of this very version is reused
+      reuse = FLAGS.keep and ServingReplica(replica_path, map_pages=False).version == snap.version
+    except Exception:  # noqa: BLE001 - none yet
+      reuse = False
+    if not reuse:
+      t = time.perf_counter()
+      snap.export(replica_path)
+      export_s = time.perf_counter() - t
+    t = time.perf_counter()
+    served = ServingReplica(replica_path)
+    open_s = time.perf_counter() - t
+    replica = _latencies(served.get, keys, rng)
+    rt = _at_realtime_priority(lambda: _latencies(served.get, keys, rng)) if FLAGS.realtime else None
+    if rt is not None:
+      out.update({"lookup_realtime_p50_ms": float(np.percentile(rt, 50)),
+                  "lookup_realtime_p99_ms": float(np.percentile(rt, 99))})
+    out.update({"lookup_p50_ms": float(np.percentile(replica, 50)),
+                "lookup_p99_ms": float(np.percentile(replica, 99)),
+                "lookup_max_ms": float(replica.max()),
+                "lookup_path": "serving replica (mmap of an exported OCDBT version)",
+                "replica_export_s": export_s, "replica_open_s": open_s})
+  return out
 
 
 def run_pipeline_part(train_path: str, res: dict):
@@ -276,6 +315,8 @@ def run_online_part(online_path: str, res: dict):
 
 
 def report(res: dict):
+  print(f"\nload average (1, 5, 15 min): {res['load_avg_start']} at start, "
+        f"{res['load_avg_end']} at end")
   print(f"\nFeature store on {res['machine']} (batch {FLAGS.batch_size}, chunk {FLAGS.chunk_rows} "
         f"rows, window {FLAGS.window_blocks} blocks, {FLAGS.read_threads} read threads)")
   rows = []
@@ -288,18 +329,24 @@ def report(res: dict):
       rows.append(("DLRM step fed by the pipeline (examples/s)",
                    res["step_fed_by_pipeline_examples_per_s"]))
     rows.append(("pipeline / step (goal >= 3)", res["pipeline_over_step"]))
-  if "lookup_p99_ms" in res:
-    k = f"{FLAGS.lookup_keys} of {FLAGS.entities:,}"
+  k = f"{FLAGS.lookup_keys} of {FLAGS.entities:,}"
+  if "lookup_ocdbt_p50_ms" in res:
     rows += [(f"OCDBT get {k} keys, fresh handle: p50 (ms)", res["lookup_ocdbt_p50_ms"]),
              ("  p99 (ms)", res["lookup_ocdbt_p99_ms"]),
              ("  first get (ms)", res["lookup_ocdbt_first_ms"]),
              ("  warm_cache() (s)", res["warm_cache_s"]),
              ("  after warm_cache: p50 (ms)", res["lookup_ocdbt_warm_p50_ms"]),
              ("  after warm_cache: p99 (ms)", res["lookup_ocdbt_warm_p99_ms"]),
-             ("  get at latest version, mean (ms)", res["lookup_ocdbt_latest_version_mean_ms"]),
-             ("export version to serving replica (s)", res["replica_export_s"]),
+             ("  get at latest version, mean (ms)", res["lookup_ocdbt_latest_version_mean_ms"])]
+  if "lookup_p99_ms" in res:
+    rows += [("export version to serving replica (s)", res["replica_export_s"] or float("nan")),
+             ("open the replica (index, page warm-up) (s)", res["replica_open_s"]),
              (f"replica get {k} keys: p50 (ms)", res["lookup_p50_ms"]),
-             ("  p99 (ms, goal < 5)", res["lookup_p99_ms"])]
+             ("  p99 (ms, goal < 5)", res["lookup_p99_ms"]),
+             ("  max (ms)", res["lookup_max_ms"])]
+  if "lookup_realtime_p99_ms" in res:
+    rows += [("replica get, real-time priority: p50 (ms)", res["lookup_realtime_p50_ms"]),
+             ("  p99 (ms)", res["lookup_realtime_p99_ms"])]
   print(f"{'measure':<54} {'value':>12}")
   for name, v in rows:
     print(f"{name:<54} {v:>12,.2f}")
@@ -316,6 +363,7 @@ def main(argv):
          "read_threads": FLAGS.read_threads, "entities": FLAGS.entities,
          "lookup_keys": FLAGS.lookup_keys, "dim": FLAGS.dim, "cache_mib": FLAGS.cache_mib,
          "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+         "load_avg_start": os.getloadavg(),
          "tensorstore": getattr(ts, "__version__", None) or _dist_version("tensorstore")}
   try:
     if "pipeline" in FLAGS.parts:
@@ -325,6 +373,7 @@ def main(argv):
   finally:
     if not FLAGS.keep:
       shutil.rmtree(root, ignore_errors=True)
+  res["load_avg_end"] = os.getloadavg()
   report(res)
 
 

@@ -88,6 +88,46 @@ def test_synthetic_round_trip_appends_and_versions(tmp_path):
     store.open(version=9)
 
 
+def test_extra_columns_round_trip_skip_with_their_rows_and_are_checked(tmp_path):
+  src = synthetic.SyntheticCriteo(MULTI_HOT)
+  schema = FeatureSchema.from_layout(src.layout, extra_names=("teacher_prob", "weight"))
+  store = FeatureStore.create(tmp_path / "s", schema, chunk_rows=300)
+  b, prob = src.examples(0, 1000, with_prob=True)
+  weight = np.arange(1000, dtype=np.float32)
+  b.labels[[5, 700]] = np.nan   # skipped rows drop their extras too
+  with store.appender(bad_rows="skip") as app:
+    for lo, hi in ((0, 450), (450, 1000)):
+      app.write(b.slice(lo, hi), extras={"teacher_prob": prob[lo:hi], "weight": weight[lo:hi]})
+  keep = np.setdiff1d(np.arange(1000), [5, 700])
+  snap = store.open()
+  assert np.array_equal(snap.read_extra("teacher_prob"), prob[keep])
+  assert np.array_equal(snap.read_extra("weight", 290, 610), weight[keep][290:610])
+  assert_batches_equal(snap.read(), Batch(b.dense[keep], b.ids[keep], b.mask[keep],
+                                          b.labels[keep]))
+  assert FeatureStore(tmp_path / "s").head().schema.extra_names == ("teacher_prob", "weight")
+  with pytest.raises(SchemaMismatchError, match=r"extra columns \['weight'\] given"):
+    with store.appender() as app:
+      app.write(b.slice(0, 10), extras={"weight": weight[:10]})
+  with pytest.raises(SchemaMismatchError, match=r"extra column 'weight' has shape \(9,\)"):
+    with store.appender() as app:
+      app.write(b.slice(0, 10), extras={"teacher_prob": prob[:10], "weight": weight[:9]})
+  with pytest.raises(KeyError, match="no extra column 'x'"):
+    snap.read_extra("x")
+  with pytest.raises(SchemaMismatchError, match="extra feature #2"):
+    FeatureStore.create(tmp_path / "s", FeatureSchema.from_layout(
+        src.layout, extra_names=("teacher_prob",)), exist_ok=True)
+  # Ingest keeps the generator's probabilities; Criteo data cannot go into such a store.
+  path = str(tmp_path / "ingested")
+  ingest("synthetic", path, num_examples=900, preset="test", chunk_rows=256, log=lambda *_: None)
+  ingest("synthetic", path, start=900, num_examples=300, preset="test", log=lambda *_: None)
+  want = synthetic.SyntheticCriteo(synthetic.small_config(scale=0.1)).teacher_probability(0, 1200)
+  assert np.array_equal(FeatureStore(path).open().read_extra("teacher_prob"), want)
+  tsv = tmp_path / "c.tsv"
+  tsv.write_text("1" + "\t" * 39 + "\n")
+  with pytest.raises(SchemaMismatchError, match="teacher column"):
+    ingest(str(tsv), path, log=lambda *_: None)
+
+
 def test_ingest_cli_synthetic_append_round_trip(tmp_path):
   path = str(tmp_path / "s")
   cmd = [sys.executable, "-m", "jaxrec.data.ingest", "--input=synthetic", "--preset=test",

@@ -74,12 +74,69 @@ def test_serving_replica_equals_its_version(tmp_path):
   assert all(np.array_equal(a[n], b[n]) for n in SCHEMA.field_names)
   assert (b["gen"][b.found] == 1).all()  # the exported version, not the later put
   assert np.array_equal(ServingReplica(tmp_path / "replica").get(q).vector, b.vector)
-  # An export that did not finish (no metadata) never opens.
-  os.remove(tmp_path / "replica" / "replica.json")
+  # Lookups are vectorised over a bucket index: check it against a binary search over keys
+  # that are crowded (sequential IDs next to spread ones) and outside the stored range.
+  crowd = np.concatenate([np.arange(10, 3010, dtype=np.uint64), keys[:200]])
+  store.put(crowd, np.ones((3200, 6)), gen=np.full(3200, 3), ctr=np.zeros(3200),
+            age=np.zeros(3200))
+  crowded = store.snapshot().export(tmp_path / "crowded")
+  allk = np.unique(np.concatenate([keys, crowd]))
+  q = np.concatenate([allk[rng.integers(0, len(allk), 2000)], np.arange(0, 3100, 7, np.uint64),
+                      np.array([2**64 - 1, allk[-1] + 1], np.uint64), rand_keys(300, seed=7)])
+  rows, found = crowded.lookup(q)
+  pos = np.minimum(np.searchsorted(allk, q), len(allk) - 1)
+  assert np.array_equal(found, allk[pos] == q) and np.array_equal(rows[found], pos[found])
+  # No published version (CURRENT) means no replica.
+  os.remove(tmp_path / "replica" / "CURRENT")
   with pytest.raises(StoreError, match="no complete serving replica"):
     ServingReplica(tmp_path / "replica")
   empty = OnlineFeatureStore.create(tmp_path / "e", SCHEMA).snapshot().export(tmp_path / "er")
   assert not empty.get(keys[:4]).found.any()
+
+
+def test_serving_replica_readers_keep_their_version_across_exports(tmp_path, monkeypatch):
+  """Exports never rewrite a published version: a replica opened earlier keeps serving its
+  version while newer ones are published (and even after its files are deleted); a failed
+  export publishes nothing."""
+  store = OnlineFeatureStore.create(tmp_path / "o", SCHEMA)
+  keys = rand_keys(4000, seed=5)
+  n = len(keys)
+
+  def put(gen, k=keys):
+    return store.put(k, np.full((len(k), 6), float(gen)), gen=np.full(len(k), gen),
+                     ctr=np.zeros(len(k)), age=np.zeros(len(k)))
+
+  put(1)
+  path = tmp_path / "serve"
+  first = store.snapshot().export(path)
+  assert first.refresh() is first
+  put(2, keys[:2000])
+  store.delete(keys[-100:])
+  second = store.snapshot().export(path)
+  assert ServingReplica(path).version == second.version > first.version
+  assert first.refresh().version == second.version
+  put(3, keys[:10])
+  third = store.snapshot().export(path, keep=2)   # deletes the first version's files
+  assert not os.path.exists(first.dir)
+  a, b, c = first.get(keys), second.get(keys), third.get(keys)
+  assert a.found.all() and (a["gen"] == 1).all() and (a.vector == 1).all()
+  assert (b["gen"][:2000] == 2).all() and (b["gen"][2000:n - 100] == 1).all()
+  assert not b.found[-100:].any() and (c["gen"][:10] == 3).all()
+  # An export that fails half-way publishes nothing; the next one cleans up after it.
+  from jaxrec.data import online
+
+  def broken_read(self, uniq):
+    raise OSError("disk full")
+  put(4, keys[:5])
+  with monkeypatch.context() as m:
+    m.setattr(online.OnlineSnapshot, "_read", broken_read)
+    with pytest.raises(OSError):
+      store.snapshot().export(path)
+  assert ServingReplica(path).version == third.version
+  assert len(os.listdir(path)) == 4   # CURRENT, second, third and the broken one
+  fourth = store.snapshot().export(path, keep=1)
+  assert sorted(os.listdir(path)) == sorted(["CURRENT", os.path.basename(fourth.dir)])
+  assert (ServingReplica(path).get(keys[:5])["gen"] == 4).all()
 
 
 def test_user_errors(tmp_path):

@@ -8,7 +8,9 @@
       --num_examples=1000000 --store=/tmp/store            # day 2: an append
 
 The store is created on first use with the schema of the input (Criteo: label, I1..I13,
-C1..C26); later appends must match it. Input is streamed (``--read_rows`` rows at a time), so
+C1..C26; synthetic input adds the extra column ``teacher_prob``, the generator's true click
+probability, so evaluation on the store can report the Bayes-optimal AUC; ``--teacher=false``
+leaves it out); later appends must match it. Input is streamed (``--read_rows`` rows at a time), so
 memory stays constant whatever the input size. The append commits only once everything is
 written: a failure (a malformed row under ``--bad_rows=error``) or a kill leaves the store as
 it was. Prints a summary and ends with one JSON line.
@@ -28,7 +30,7 @@ from absl import app, flags
 from jaxrec.data import criteo, synthetic
 from jaxrec.data.batch import Batch
 from jaxrec.data.store import (BAD_ROW_POLICIES, CODECS, DEFAULT_CHUNK_ROWS, FeatureSchema,
-                               FeatureStore, RowOrigin, StoreError)
+                               FeatureStore, RowOrigin, SchemaMismatchError, StoreError)
 
 _PRESETS = ("kaggle", "small", "test")
 
@@ -52,21 +54,28 @@ def _synthetic_config(preset: str, seed: int, max_ids: str, min_bag: int
                                    min_bag=min_bag)
 
 
+TEACHER_COLUMN = "teacher_prob"
+
+
 def synthetic_source(config: synthetic.SyntheticConfig, start: int, num_examples: int,
-                     read_rows: int) -> tuple[str, object, Iterator[tuple[Batch, RowOrigin]]]:
-  """(description, layout, (batch, origin) stream) of examples [start, start + num)."""
+                     read_rows: int, teacher: bool = False
+                     ) -> tuple[str, object, Iterator[tuple[Batch, RowOrigin, dict]]]:
+  """(description, layout, (batch, origin, extras) stream) of examples [start, start + num);
+  with ``teacher`` the extras hold the teacher's probability of each example."""
   stream = synthetic.SyntheticCriteo(config)
   name = f"synthetic(seed={config.seed})"
 
   def gen():
     for pos in range(start, start + num_examples, read_rows):
       stop = min(pos + read_rows, start + num_examples)
-      yield stream.examples(pos, stop), RowOrigin(name, pos, "example")
+      batch, prob = stream.examples(pos, stop, with_prob=True)
+      yield (batch, RowOrigin(name, pos, "example"),
+             {TEACHER_COLUMN: prob} if teacher else {})
   return f"{name}[{start}:{start + num_examples}]", stream.layout, gen()
 
 
 def criteo_source(paths: list[str], read_rows: int, has_label: bool, bad_rows: str,
-                  reader_stats: list) -> Iterator[tuple[Batch, RowOrigin]]:
+                  reader_stats: list) -> Iterator[tuple[Batch, RowOrigin, dict]]:
   """Criteo rows file by file, each batch tagged with the file and line of its first row."""
   for path in paths:
     reader = criteo.CriteoReader(path, read_rows, has_label=has_label, bad_rows=bad_rows)
@@ -76,7 +85,7 @@ def criteo_source(paths: list[str], read_rows: int, has_label: bool, bad_rows: s
       reader_stats[-1] = reader.stats  # the reader replaces its stats when iteration starts
       # Under "error" no line was skipped, so good row i is line i + 1.
       yield b, (RowOrigin(path, done + 1, "line") if bad_rows == "error"
-                else RowOrigin(path, done + 1, "good row"))
+                else RowOrigin(path, done + 1, "good row")), {}
       done += b.size
     reader_stats[-1] = reader.stats
 
@@ -98,20 +107,35 @@ def ingest(input_spec: str, store_path: str, *, num_examples: int = 0, start: in
            preset: str = "small", seed: int = 0, max_ids: str = "", min_bag: int = 1,
            has_label: bool = True, bad_rows: str = "error", chunk_rows: int = DEFAULT_CHUNK_ROWS,
            codec: str = "zstd", read_rows: int = 65536, gc_grace_s: float = 3600.0,
-           log=print) -> dict:
-  """Appends the input to the store (creating it if needed) and returns a summary."""
+           teacher: bool | None = None, log=print) -> dict:
+  """Appends the input to the store (creating it if needed) and returns a summary.
+
+  ``teacher``: store the synthetic teacher's probabilities as the extra column
+  ``teacher_prob``; None: yes for a new store, and for an existing one whatever it holds."""
   reader_stats: list = []
+  existing = FeatureStore(store_path)
+  existing = existing.head().schema if existing.exists() else None
+  has_teacher = existing is not None and TEACHER_COLUMN in existing.extra_names
   if input_spec == "synthetic":
     if num_examples < 1:
       raise ValueError("--input=synthetic needs --num_examples >= 1")
+    if teacher is None:
+      teacher = has_teacher if existing is not None else True
     desc, layout, rows = synthetic_source(
-        _synthetic_config(preset, seed, max_ids, min_bag), start, num_examples, read_rows)
+        _synthetic_config(preset, seed, max_ids, min_bag), start, num_examples, read_rows,
+        teacher)
   else:
+    if has_teacher:
+      raise SchemaMismatchError(f"store {store_path!r} holds the synthetic teacher column "
+                                f"{TEACHER_COLUMN!r}, which Criteo input cannot fill; ingest "
+                                "Criteo data into a store of its own")
+    teacher = False
     paths = expand_inputs(input_spec)
     desc = ",".join(paths) if len(paths) <= 3 else f"{paths[0]} .. {paths[-1]} ({len(paths)} files)"
     layout = criteo.CRITEO_LAYOUT
     rows = criteo_source(paths, read_rows, has_label, bad_rows, reader_stats)
-  schema = FeatureSchema.from_layout(layout, criteo.NUM_DENSE, criteo.CRITEO_DENSE_NAMES)
+  schema = FeatureSchema.from_layout(layout, criteo.NUM_DENSE, criteo.CRITEO_DENSE_NAMES,
+                                     extra_names=(TEACHER_COLUMN,) if teacher else ())
   store = FeatureStore.create(store_path, schema, chunk_rows=chunk_rows, codec=codec,
                               exist_ok=True)
   if gc_grace_s >= 0:
@@ -122,8 +146,8 @@ def ingest(input_spec: str, store_path: str, *, num_examples: int = 0, start: in
   t0 = time.perf_counter()
   last_log = t0
   with store.appender(source=desc, bad_rows=bad_rows) as app_:
-    for batch, origin in rows:
-      app_.write(batch, origin)
+    for batch, origin, extras in rows:
+      app_.write(batch, origin, extras)
       now = time.perf_counter()
       if now - last_log > 10:
         log(f"  {app_.stats.rows_written:,} rows written "
@@ -164,6 +188,9 @@ def define_flags():
   flags.DEFINE_integer("seed", 0, "synthetic: stream seed")
   flags.DEFINE_string("max_ids", "", "synthetic: max IDs per feature (one int, or one per "
                       "feature); empty = one-hot")
+  flags.DEFINE_enum("teacher", "auto", ["auto", "true", "false"], "synthetic: store the "
+                    "teacher's click probability as extra column teacher_prob (auto: yes for a "
+                    "new store, else as the store has it)")
   flags.DEFINE_integer("min_bag", 1, "synthetic: shortest multi-hot bag (0 allows empty bags)")
   flags.DEFINE_bool("has_label", True, "Criteo: False for the 39-field test.txt form")
   flags.DEFINE_enum("bad_rows", "error", list(BAD_ROW_POLICIES),
@@ -184,7 +211,8 @@ def main(argv):
                      start=FLAGS.start, preset=FLAGS.preset, seed=FLAGS.seed,
                      max_ids=FLAGS.max_ids, min_bag=FLAGS.min_bag, has_label=FLAGS.has_label,
                      bad_rows=FLAGS.bad_rows, chunk_rows=FLAGS.chunk_rows, codec=FLAGS.codec,
-                     read_rows=FLAGS.read_rows, gc_grace_s=FLAGS.gc_grace_s)
+                     read_rows=FLAGS.read_rows, gc_grace_s=FLAGS.gc_grace_s,
+                     teacher={"auto": None, "true": True, "false": False}[FLAGS.teacher])
   except (StoreError, criteo.CriteoFormatError, FileNotFoundError, ValueError) as e:
     print(f"ingest failed; the store is unchanged: {e}", file=sys.stderr)
     sys.exit(1)

@@ -11,6 +11,9 @@ Layout under the store root (a local path, or any TensorStore kvstore URL such a
     sparse/<feature>/values/            zarr3 uint64 [ids]     the feature's IDs, row after row
     sparse/<feature>/offsets/           zarr3 int64 [rows + 1] row r owns values[o[r]:o[r+1]]
     sparse/<feature>/block_offsets/     zarr3 int64 [blocks + 1] = offsets[::chunk_rows] + [end]
+    extra/<name>/                       zarr3 float32 [rows], optional per-example columns that
+                                        are not model inputs (e.g. the synthetic teacher's
+                                        probability, so evaluation can report the Bayes AUC)
 
 Every array is chunked along rows (``chunk_rows`` rows a chunk) and zstd-compressed, so a block
 of ``chunk_rows`` rows is one chunk of each array: the unit of reading and of shuffling.
@@ -95,33 +98,37 @@ class FeatureSchema:
   """Names, kinds, dtypes and max lengths of a store's columns.
 
   Labels are float32 (``[rows]``, or ``[rows, num_tasks]`` when num_tasks > 1), dense features
-  float32, sparse features uint64 IDs with at most ``max_ids[f]`` per example.
+  float32, sparse features uint64 IDs with at most ``max_ids[f]`` per example. ``extra_names``
+  are float32 per-example columns stored beside the examples but never fed to a model (read
+  them with :meth:`StoreSnapshot.read_extra`).
   """
 
   dense_names: tuple[str, ...]
   sparse_names: tuple[str, ...]
   max_ids: tuple[int, ...]
   num_tasks: int = 1
+  extra_names: tuple[str, ...] = ()
 
   def __post_init__(self):
     SparseLayout(self.sparse_names, self.max_ids)  # validates lengths, duplicates, max_ids >= 1
-    names = ("label",) + self.dense_names + self.sparse_names
+    names = ("label",) + self.dense_names + self.sparse_names + self.extra_names
     for n in names:
       if not _NAME_RE.fullmatch(n):
         raise ValueError(f"feature name {n!r}: use letters, digits, '_', '.' or '-' only "
                          "(names become storage paths)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-      raise ValueError(f"feature names {dup} are used twice (dense, sparse and 'label' share "
-                       "one namespace)")
+      raise ValueError(f"feature names {dup} are used twice (dense, sparse, extra and 'label' "
+                       "share one namespace)")
     if self.num_tasks < 1:
       raise ValueError(f"num_tasks must be >= 1, got {self.num_tasks}")
 
   @classmethod
   def from_layout(cls, layout: SparseLayout, num_dense: int = 13,
-                  dense_names: Sequence[str] | None = None, num_tasks: int = 1) -> FeatureSchema:
+                  dense_names: Sequence[str] | None = None, num_tasks: int = 1,
+                  extra_names: Sequence[str] = ()) -> FeatureSchema:
     names = tuple(dense_names) if dense_names else tuple(f"I{i + 1}" for i in range(num_dense))
-    return cls(names, tuple(layout.names), tuple(layout.max_ids), num_tasks)
+    return cls(names, tuple(layout.names), tuple(layout.max_ids), num_tasks, tuple(extra_names))
 
   @property
   def layout(self) -> SparseLayout:
@@ -137,11 +144,12 @@ class FeatureSchema:
     dense = [{"name": n, "kind": "dense", "dtype": "float32"} for n in self.dense_names]
     sparse = [{"name": n, "kind": "sparse", "dtype": "uint64", "max_ids": m}
               for n, m in zip(self.sparse_names, self.max_ids)]
-    return {"features": [label] + dense + sparse}
+    extra = [{"name": n, "kind": "extra", "dtype": "float32"} for n in self.extra_names]
+    return {"features": [label] + dense + sparse + extra}
 
   @classmethod
   def from_json(cls, d: dict) -> FeatureSchema:
-    dense, sparse, max_ids, num_tasks = [], [], [], 1
+    dense, sparse, max_ids, extra, num_tasks = [], [], [], [], 1
     for f in d["features"]:
       if f["kind"] == "label":
         num_tasks = int(f["shape"][0]) if f.get("shape") else 1
@@ -150,16 +158,19 @@ class FeatureSchema:
       elif f["kind"] == "sparse":
         sparse.append(f["name"])
         max_ids.append(int(f["max_ids"]))
+      elif f["kind"] == "extra":
+        extra.append(f["name"])
       else:
         raise StoreError(f"schema feature {f.get('name')!r} has unknown kind {f['kind']!r}")
-    return cls(tuple(dense), tuple(sparse), tuple(max_ids), num_tasks)
+    return cls(tuple(dense), tuple(sparse), tuple(max_ids), num_tasks, tuple(extra))
 
   def difference(self, other: FeatureSchema) -> str | None:
     """The first way ``other`` differs from this schema, naming the feature; None if equal."""
     if self.num_tasks != other.num_tasks:
       return f"labels: store has {self.num_tasks} task(s), data has {other.num_tasks}"
     for kind, a, b in (("dense", self.dense_names, other.dense_names),
-                       ("sparse", self.sparse_names, other.sparse_names)):
+                       ("sparse", self.sparse_names, other.sparse_names),
+                       ("extra", self.extra_names, other.extra_names)):
       for i in range(max(len(a), len(b))):
         x = a[i] if i < len(a) else None
         y = b[i] if i < len(b) else None
@@ -324,6 +335,7 @@ def _segment_arrays(schema: FeatureSchema) -> list[tuple[str, str, int]]:
   for n in schema.sparse_names:
     out += [(f"sparse/{n}/values", "uint64", 1), (f"sparse/{n}/offsets", "int64", 1),
             (f"sparse/{n}/block_offsets", "int64", 1)]
+  out += [(f"extra/{n}", "float32", 1) for n in schema.extra_names]
   return out
 
 
@@ -592,6 +604,8 @@ class Appender:
     for n, m in zip(schema.sparse_names, schema.max_ids):
       futures[f"{n}/values"] = create(f"sparse/{n}/values", "uint64", [_CAPACITY], [cr * m])
       futures[f"{n}/offsets"] = create(f"sparse/{n}/offsets", "int64", [_CAPACITY], [cr])
+    for n in schema.extra_names:
+      futures[f"extra:{n}"] = create(f"extra/{n}", "float32", [_CAPACITY], [cr])
     self._writers = {}
     for k, fut in futures.items():
       arr = fut.result()
@@ -635,6 +649,23 @@ class Appender:
       raise SchemaMismatchError(f"{src}: batch does not fit the store schema: "
                                 + "; ".join(problems))
 
+  def _check_extras(self, b: Batch, origin: RowOrigin | None,
+                    extras: dict | None) -> dict[str, np.ndarray]:
+    names = self.schema.extra_names
+    extras = dict(extras or {})
+    src = origin.source if origin else (self.source or "input")
+    if set(extras) != set(names):
+      raise SchemaMismatchError(f"{src}: extra columns {sorted(extras)} given, but the store's "
+                                f"schema has extra columns {list(names)}")
+    out = {}
+    for n in names:
+      x = np.asarray(extras[n], np.float32)
+      if x.shape != (b.size,):
+        raise SchemaMismatchError(f"{src}: extra column {n!r} has shape {x.shape}, expected "
+                                  f"({b.size},)")
+      out[n] = np.ascontiguousarray(x)
+    return out
+
   def _bad_rows(self, b: Batch) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str, str]]]:
     """(row has a bad label, row has a bad dense value, [(row, field, reason)] of the first)."""
     lab = b.labels.reshape(len(b.labels), -1)
@@ -654,11 +685,16 @@ class Appender:
                         f"{float(b.dense[r, c])!r} is not a finite number"))
     return label_rows, dense_rows & ~label_rows, details
 
-  def write(self, batch: Batch, origin: RowOrigin | None = None):
-    """Appends the rows of ``batch`` (checked against the schema) to the segment."""
+  def write(self, batch: Batch, origin: RowOrigin | None = None,
+            extras: dict[str, np.ndarray] | None = None):
+    """Appends the rows of ``batch`` (checked against the schema) to the segment.
+
+    ``extras``: one [rows] array for each of the schema's ``extra_names`` (skipped rows are
+    dropped from them too)."""
     if self._closed:
       raise StoreError("this append is already committed or aborted")
     self._check_shapes(batch, origin)
+    extras = self._check_extras(batch, origin, extras)
     label_bad, dense_bad, details = self._bad_rows(batch)
     bad = label_bad | dense_bad
     if details:
@@ -676,9 +712,12 @@ class Appender:
         if rows.any():
           st.skipped_by_reason[name] = st.skipped_by_reason.get(name, 0) + int(rows.sum())
       batch = take(batch, ~bad)
+      extras = {n: x[~bad] for n, x in extras.items()}
     if not batch.size:
       return
     w = self._writers
+    for n, x in extras.items():
+      w[f"extra:{n}"].append(x)
     w["labels"].append(np.ascontiguousarray(batch.labels, np.float32))
     w["dense"].append(np.ascontiguousarray(batch.dense, np.float32))
     layout = self.schema.layout
@@ -897,6 +936,24 @@ class StoreSnapshot:
     batch = Batch.concat(parts) if len(parts) > 1 else parts[0]
     off = self.blocks[b0].row0
     return batch.slice(start - off, stop - off)
+
+  def read_extra(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of the extra column ``name`` (float32), in store order."""
+    if name not in self.schema.extra_names:
+      raise KeyError(f"store {self.store.path!r} has no extra column {name!r} (it has "
+                     f"{list(self.schema.extra_names)})")
+    stop = self.num_rows if stop is None else stop
+    if not 0 <= start <= stop <= self.num_rows:
+      raise IndexError(f"rows [{start}, {stop}) are outside [0, {self.num_rows}) of store "
+                       f"version {self.version}")
+    futs, row0 = [], 0
+    for si, seg in enumerate(self.commit.segments):
+      lo, hi = max(start - row0, 0), min(stop - row0, seg.rows)
+      if lo < hi:
+        futs.append(self._segment(si)[f"extra/{name}"][lo:hi].read())
+      row0 += seg.rows
+    return (np.concatenate([f.result() for f in futs]) if futs
+            else np.zeros(0, np.float32))
 
   def read_rows(self, rows: Sequence[int] | np.ndarray) -> Batch:
     """Rows by global index, in the order given (random access, a block at a time)."""

@@ -14,7 +14,7 @@ from absl import logging
 from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
-from jaxrec.train import builders, metrics
+from jaxrec.train import builders, metrics, sources
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
 from jaxrec.train.step import jit_steps
@@ -47,15 +47,6 @@ def _say(msg: str):
   print(msg, flush=True)
 
 
-def _data_sources(config):
-  d = config.data
-  if d.source != "synthetic":
-    raise ValueError(f"config.data.source={d.source!r}: only 'synthetic' is wired into the "
-                     "trainer so far")
-  stream = builders.synthetic_stream(d)
-  return stream, stream.config.cardinalities
-
-
 def init_state(config, emb, model, tx) -> tuple:
   graphdef, params = nnx.split(model, nnx.Param)
   emb_state = emb.init(jax.random.key(config.seed + 1))
@@ -75,7 +66,7 @@ def _abstract(state):
                       state)
 
 
-def _open_checkpoints(config, workdir, emb, state):
+def _open_checkpoints(config, workdir, emb, state, data):
   """(checkpointer, anomaly guard, state, step, example position): resumes from the newest
   complete snapshot in ``workdir/checkpoints`` when there is one. Without a workdir, or with
   checkpoint.enabled False, nothing is saved and training starts at step 0."""
@@ -95,10 +86,11 @@ def _open_checkpoints(config, workdir, emb, state):
     _say(f"checkpoint: {line}")
   step = int(r.step or 0)
   pos = int((r.data_position or {}).get("example", 0))
+  data.resume_from(r.data_position)
   if not fresh:
     _say(f"checkpoint: resumed from step {step} (example {pos:,}) in {ckpt_lib.checkpoint_dir(workdir)}")
   if fresh:  # a version to roll back to exists from the first step on
-    ckpt.save(step, r.state, data_position={"example": pos}, force=True)
+    ckpt.save(step, r.state, data_position=data.position(pos), force=True)
   guard = None
   if ck.get("auto_rollback", True):
     guard = ckpt_lib.AnomalyGuard(
@@ -109,12 +101,12 @@ def _open_checkpoints(config, workdir, emb, state):
 def train_and_evaluate(config, workdir: str | None = None) -> dict:
   """Trains the configured model on its data and returns the final summary."""
   d = config.data
-  stream, cards = _data_sources(config)
-  layout = stream.layout
-  steps = int(d.train_examples // d.batch_size)
+  data = sources.open_data(config)
+  layout, cards = data.layout, data.cardinalities
+  steps = int(data.train_examples // d.batch_size)
   if steps < 1:
-    raise ValueError(f"config.data.train_examples={d.train_examples} is smaller than one batch "
-                     f"({d.batch_size})")
+    raise ValueError(f"config.data.train_examples={data.train_examples} is smaller than one "
+                     f"batch ({d.batch_size})")
   mesh_cfg = config.get("mesh") or {}
   mesh = make_mesh(mesh_cfg.get("shape"), mesh_cfg.get("axis_names"))
   emb = builders.embedding_plan(layout, cards, config.embedding, config.model.embedding_dim,
@@ -138,7 +130,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
     _say(f"dropping sparse features {list(dropped)} (their bags are empty)")
   to_device = lambda b: builders.device_batch(
       emb.check_batch(b.without_features(layout, dropped) if dropped else b))
-  example = to_device(stream.examples(0, d.batch_size))
+  example = to_device(data.example(d.batch_size))
   t0 = time.perf_counter()
   compiled = train_step.lower(state, example).compile()
   mem = compiled.memory_analysis()
@@ -147,14 +139,14 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                  mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
   _say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
-  ckpt, guard, state, step, pos = _open_checkpoints(config, workdir, emb, state)
+  ckpt, guard, state, step, pos = _open_checkpoints(config, workdir, emb, state, data)
   end = steps * d.batch_size
   put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
   log_every = max(1, int(config.log_every_steps))
   t_start = time.perf_counter()
   t_last, step_last, step_start = t_start, step, step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
-    source = Prefetcher(stream.batches(d.batch_size, pos, end), put, depth=4)
+    source = Prefetcher(data.train_batches(pos, end), put, depth=4)
     rolled_back = False
     try:
       for batch in source:
@@ -162,7 +154,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
         step += 1
         pos += d.batch_size
         if guard is not None:
-          act = guard.observe(step, m, {"example": pos})
+          act = guard.observe(step, m, data.position(pos))
           if act.kind == "abort":
             raise FloatingPointError(act.reason)
           if act.kind == "rollback":
@@ -174,7 +166,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
             rolled_back = True
             break
         if ckpt is not None:
-          ckpt.save(step, state, data_position={"example": pos})   # async; the policy decides
+          ckpt.save(step, state, data_position=data.position(pos))   # async; the policy decides
         if step % log_every == 0 or step == steps:
           loss = float(m["loss"])  # syncs; only on log steps
           now = time.perf_counter()
@@ -195,18 +187,14 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   train_time = time.perf_counter() - t_start
   samples_per_s = max(steps - step_start, 0) * d.batch_size / max(train_time, 1e-9)
 
-  eval_start = int(d.get("eval_start") or d.train_examples)
-  eval_n = int(d.eval_examples)
-  eb = int(d.eval_batch_size)
-  labels, preds = evaluate(eval_step, state,
-                           stream.batches(eb, eval_start, eval_start + (eval_n // eb) * eb),
+  labels, preds = evaluate(eval_step, state, data.eval_batches(int(d.eval_batch_size)),
                            to_device)
-  teacher = stream.teacher_probability(eval_start, eval_start + len(labels))
+  teacher = data.eval_teacher(len(labels))  # None: no known teacher (real data)
   summary = {
       "test_auc": metrics.auc(labels, preds),
       "test_logloss": metrics.logloss(labels, preds),
-      "bayes_auc": metrics.auc(labels, teacher),
-      "bayes_logloss": metrics.logloss(labels, teacher),
+      "bayes_auc": None if teacher is None else metrics.auc(labels, teacher),
+      "bayes_logloss": None if teacher is None else metrics.logloss(labels, teacher),
       "constant_logloss": metrics.logloss(labels, np.full_like(preds, labels.mean())),
       "samples_per_s": samples_per_s,
       "steps": steps,
@@ -217,12 +205,17 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   writer.write(step=steps, **{f"final/{k}": v for k, v in summary.items()})
   writer.close()
   if ckpt is not None:
-    ckpt.save(step, state, data_position={"example": pos},
+    ckpt.save(step, state, data_position=data.position(pos),
               metrics={"auc": summary["test_auc"]}, force=True)
     ckpt.wait_until_finished()
     ckpt.close()
-  _say(f"test AUC {summary['test_auc']:.4f}  vs  Bayes-optimal AUC {summary['bayes_auc']:.4f} "
-       f"(gap {summary['bayes_auc'] - summary['test_auc']:.4f}; constant predictor 0.5000) | "
-       f"logloss {summary['test_logloss']:.4f} (Bayes {summary['bayes_logloss']:.4f}, constant "
-       f"{summary['constant_logloss']:.4f}) | {samples_per_s:,.0f} samples/s")
+  if teacher is None:
+    _say(f"test AUC {summary['test_auc']:.4f} (constant predictor 0.5000) | logloss "
+         f"{summary['test_logloss']:.4f} (constant {summary['constant_logloss']:.4f}) | "
+         f"{samples_per_s:,.0f} samples/s")
+  else:
+    _say(f"test AUC {summary['test_auc']:.4f}  vs  Bayes-optimal AUC {summary['bayes_auc']:.4f} "
+         f"(gap {summary['bayes_auc'] - summary['test_auc']:.4f}; constant predictor 0.5000) | "
+         f"logloss {summary['test_logloss']:.4f} (Bayes {summary['bayes_logloss']:.4f}, constant "
+         f"{summary['constant_logloss']:.4f}) | {samples_per_s:,.0f} samples/s")
   return summary
