@@ -70,6 +70,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.embedding.memory_budget_mib = 1024.0  # per device; tables over half of it go row-wise
   c.embedding.replicate_below_kib = 1024.0
   c.embedding.capacity_factor = None      # None: all_to_all buckets that never overflow
+  c.embedding.dedup = True                # False: send every lookup, not each row once
+
+  # Collectives (jaxrec.comm): the defaults are XLA's flat fp32 all-reduce and fp32 rows.
+  c.comm = ml_collections.ConfigDict()
+  c.comm.dense_allreduce = "psum"         # or "hierarchical" on a ("host", "local") mesh
+  c.comm.dense_precision = "fp32"         # bf16 / int8 add an error-feedback residual
+  c.comm.stochastic_rounding = False
+  c.comm.block_size = 256                 # values per int8 scale
+  c.comm.embedding_precision = "fp32"     # gradient rows: fp32 / bf16 / fp16 / int8 (per row)
+  c.comm.embedding_forward_precision = "fp32"  # looked-up rows on the forward all_to_all
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

@@ -23,6 +23,11 @@ Bucket capacity: by default every bucket can take all of a device's unique reque
 destination (overflow is impossible); ``capacity_factor`` shrinks buckets to
 ``factor * requests / devices`` to save memory and bandwidth, and requests past a full bucket
 are dropped (zeros forward, no update) and counted in the ``overflow`` stat, never silently.
+
+Wire precision (``jaxrec.comm.codec``): the gradient all_to_all (and the replicated stacks'
+gradient all_gather) can move bf16 / fp16 or per-row-scaled int8 rows instead of fp32, and so
+can the forward all_to_all of looked-up rows; row IDs always travel as int32. ``dedup=False``
+sends every valid (ID, gradient) lookup instead of one per distinct row (for ablations).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.comm import codec
 from jaxrec.data.batch import Batch, SparseLayout
 from jaxrec.embedding import optimizers, routing
 from jaxrec.embedding.engine import MeshEngine
@@ -92,13 +98,21 @@ class ShardedEmbedding(MeshEngine):
     plan: a ShardingPlan; None runs the planner with ``batch_size`` and ``planner`` kwargs.
     capacity_factor: None (buckets never overflow) or a bucket size relative to the mean
       requests per destination (e.g. 2.0).
+    precision: "fp32" | "bf16" | "fp16" | "int8": rows of the gradient exchange on the wire.
+    forward_precision: the same for the rows the forward all_to_all returns.
+    dedup: False sends every lookup, not one request per distinct row (ablation).
   """
 
   def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec], mesh,
                plan: ShardingPlan | None = None, *, batch_size: int = 1,
-               capacity_factor: float | None = None, **planner):
+               capacity_factor: float | None = None, precision: str = "fp32",
+               forward_precision: str = "fp32", dedup: bool = True, **planner):
     tables, features = list(tables), list(features)
     validate(tables, features)
+    self.precision = codec.check_precision(precision, "embedding precision")
+    self.forward_precision = codec.check_precision(forward_precision,
+                                                   "embedding forward precision")
+    self.dedup = bool(dedup)
     self.mesh = mesh
     self.axes = tuple(mesh.axis_names)
     self.num_devices = int(mesh.size)
@@ -187,7 +201,9 @@ class ShardedEmbedding(MeshEngine):
     per_dst = np.zeros(self.num_devices, np.int64)
     for p in range(len(s.pieces)):
       per_dst[list(s.pieces[p].devices)] += local_batch * int((ln.piece == p).sum())
-    safe = int(min(per_dst.max(), s.rows))  # a bucket never holds more than its device's rows
+    safe = int(per_dst.max())
+    if self.dedup:
+      safe = min(safe, s.rows)  # distinct requests: never more than the device's rows
     if self.capacity_factor is None:
       return max(safe, 1)
     mean = local_batch * ln.num / self.num_devices
@@ -384,7 +400,7 @@ class ShardedEmbedding(MeshEngine):
         if self._scatter_occurrences(s):
           res[s.name] = {"rows": grow[None], "valid": valid}
         else:  # the backward sums gradients per distinct row
-          uniq, inverse = unique_inverse(grow, s.rows)
+          uniq, inverse = self._requests(grow, s.rows)
           res[s.name] = {"uniq": uniq[None], "inverse": inverse.reshape(valid.shape),
                          "valid": valid}
       else:
@@ -422,7 +438,7 @@ class ShardedEmbedding(MeshEngine):
     lrow = local + jnp.take(jnp.asarray(offs.reshape(-1)), dst * offs.shape[1] + piece)
     sentinel = nd * rows_l
     key = jnp.where(valid, dst * rows_l + lrow, sentinel).reshape(-1)
-    uniq, inverse = unique_inverse(key, sentinel)
+    uniq, inverse = self._requests(key, sentinel)
     dst_u = uniq // rows_l
     live = dst_u < nd
     # uniq is sorted, so each destination's requests are contiguous: position = rank in run.
@@ -435,7 +451,8 @@ class ShardedEmbedding(MeshEngine):
         uniq - dst_u * rows_l, mode="drop", unique_indices=True)
     recv = jax.lax.all_to_all(send.reshape(nd, cap), self.axes, 0, 0, tiled=True).reshape(-1)
     vals = take_rows(slab, recv)
-    back = jax.lax.all_to_all(vals.reshape(nd, cap, s.dim), self.axes, 0, 0, tiled=True)
+    back = self._exchange(vals.reshape(nd, cap, s.dim), self.forward_precision,
+                          lambda w: jax.lax.all_to_all(w, self.axes, 0, 0, tiled=True))
     occ = take_rows(back.reshape(nd * cap, s.dim), jnp.take(slot, inverse))
     # Which unique request fills each send slot: the backward gathers gradients with it.
     src = jnp.full((nd * cap,), m, jnp.int32).at[slot].set(
@@ -443,6 +460,23 @@ class ShardedEmbedding(MeshEngine):
     res = {"inverse": inverse.reshape(b, ln.num), "valid": valid, "src": src[None],
            "recv": recv[None]}
     return occ.reshape(b, ln.num, s.dim), res, overflow
+
+  def _requests(self, keys, sentinel: int):
+    """(sorted requests, inverse): one per distinct key, or with ``dedup`` off one per lookup
+    (sorted all the same, so each destination's requests stay contiguous)."""
+    if self.dedup:
+      return unique_inverse(keys, sentinel)
+    order = jnp.argsort(keys, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(
+        jnp.arange(keys.shape[0], dtype=jnp.int32), unique_indices=True)
+    return jnp.take(keys, order), inverse
+
+  @staticmethod
+  def _exchange(rows, precision: str, collective):
+    """``collective`` applied to ``rows`` [..., d] as they travel at ``precision``."""
+    if precision == "fp32":
+      return collective(rows)
+    return codec.decode(collective(codec.encode(rows, precision)), precision)
 
   def _pool(self, ln: _Lanes, occ, valid) -> list:
     """Per group: the pooled bag [b, dim] (or the masked bag [b, L, dim] for pooling none)."""
@@ -531,20 +565,22 @@ class ShardedEmbedding(MeshEngine):
           # Every replica applies the same update from the same gathered (row, gradient)
           # pairs, deduplicated again across devices.
           rows = jax.lax.all_gather(rows, self.axes, tiled=True)
-          g = jax.lax.all_gather(g, self.axes, tiled=True)
+          g = self._exchange(g, self.precision,
+                             lambda w: jax.lax.all_gather(w, self.axes, tiled=True))
         tables[s.name], slots[s.name] = sparse_update(
             s.optimizer, tables[s.name], slots[s.name], rows, g, rows < s.rows, step,
-            assume_unique=self.num_devices == 1)
+            assume_unique=self.num_devices == 1 and self.dedup)
         continue
       g_u = jax.ops.segment_sum(g, r["inverse"].reshape(-1), num_segments=m)
       send = jnp.take(g_u, r["src"][0], axis=0, mode="fill", fill_value=0)
       nd = self.num_devices
-      recv_g = jax.lax.all_to_all(send.reshape(nd, -1, s.grad_dim), self.axes, 0, 0,
-                                  tiled=True).reshape(-1, s.grad_dim)
+      recv_g = self._exchange(
+          send.reshape(nd, -1, s.grad_dim), self.precision,
+          lambda w: jax.lax.all_to_all(w, self.axes, 0, 0, tiled=True)).reshape(-1, s.grad_dim)
       rows = r["recv"][0]
       slab, sl = sparse_update(s.optimizer, tables[s.name][0],
                                {k: v[0] for k, v in slots[s.name].items()}, rows, recv_g,
-                               rows < s.rows, step, assume_unique=nd == 1)
+                               rows < s.rows, step, assume_unique=nd == 1 and self.dedup)
       tables[s.name] = slab[None]
       slots[s.name] = {k: v[None] for k, v in sl.items()}
     return tables, slots

@@ -47,14 +47,15 @@ def table_rows(cardinality: int | None, emb_cfg) -> int:
   return int(min(emb_cfg.max_rows, max(emb_cfg.min_rows, math.ceil(cardinality * emb_cfg.rows_factor))))
 
 
-def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_size: int = 1
-                   ) -> ShardedEmbedding:
+def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_size: int = 1,
+                   comm=None) -> ShardedEmbedding:
   """Tables and features from the config, planned onto ``mesh`` (default: every device).
 
   emb_cfg may set ``sharding`` (one type for every table, overriding the planner),
   ``memory_budget_mib`` (per device), ``replicate_below_kib`` and ``capacity_factor``.
   ``dynamic=True`` makes every table dynamic (``dynamic_table``) and returns a
-  ``DynamicEmbedding`` instead.
+  ``DynamicEmbedding`` instead. ``dedup`` (default True) and ``comm`` (a
+  ``jaxrec.comm.spec.CommSpec``: wire precision of the row exchanges) go to the engine.
   """
   opt = SparseOptimizer(name=emb_cfg.optimizer, learning_rate=emb_cfg.learning_rate,
                         initial_accumulator=emb_cfg.get("initial_accumulator", 0.0),
@@ -70,6 +71,10 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
   if mesh is None:
     mesh = make_mesh()
   if emb_cfg.get("dynamic", False):
+    if comm is not None and {comm.embedding_precision,
+                             comm.embedding_forward_precision} != {"fp32"}:
+      raise ValueError("config.comm.embedding_precision / embedding_forward_precision: "
+                       "compressed rows are wired for static tables only (embedding.dynamic)")
     tables = [dynamic_table(t, card, emb_cfg, mesh.size) for t, card in
               zip(tables, cardinalities if cardinalities is not None else [None] * len(tables))]
     return DynamicEmbedding(tables, features, mesh, batch_size=batch_size,
@@ -79,8 +84,12 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
     planner["memory_budget"] = int(emb_cfg.memory_budget_mib * 2**20)
   if emb_cfg.get("replicate_below_kib") is not None:
     planner["replicate_below"] = int(emb_cfg.replicate_below_kib * 1024)
+  if comm is not None:
+    planner.update(precision=comm.embedding_precision,
+                   forward_precision=comm.embedding_forward_precision)
   return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
-                          capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
+                          capacity_factor=emb_cfg.get("capacity_factor", None),
+                          dedup=emb_cfg.get("dedup", True), **planner)
 
 
 def dynamic_table(static: TableSpec, cardinality: int | None, emb_cfg, shards: int

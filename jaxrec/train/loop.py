@@ -18,6 +18,8 @@ from jaxrec.train import builders, metrics, sources
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
 from jaxrec.train.step import jit_steps
+from jaxrec.comm.spec import CommSpec
+from jaxrec.train.comm_step import init_comm_state
 
 
 class MetricWriter:
@@ -50,7 +52,9 @@ def _say(msg: str):
 def init_state(config, emb, model, tx) -> tuple:
   graphdef, params = nnx.split(model, nnx.Param)
   emb_state = emb.init(jax.random.key(config.seed + 1))
-  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), emb_state)
+  comm = init_comm_state(params, emb, CommSpec.from_config(config.get("comm")))
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), emb_state,
+                              comm)
 
 
 def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray]:
@@ -109,13 +113,14 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                      f"batch ({d.batch_size})")
   mesh_cfg = config.get("mesh") or {}
   mesh = make_mesh(mesh_cfg.get("shape"), mesh_cfg.get("axis_names"))
+  comm = CommSpec.from_config(config.get("comm"))
   emb = builders.embedding_plan(layout, cards, config.embedding, config.model.embedding_dim,
-                                mesh=mesh, batch_size=d.batch_size)
+                                mesh=mesh, batch_size=d.batch_size, comm=comm)
   model = builders.build_model(config.model, d.num_dense, layout.num_features, config.seed)
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = init_state(config, emb, model, tx)
   state = place_state(state, emb)
-  train_step, eval_step = jit_steps(graphdef, emb, tx, state)
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm)
   writer = MetricWriter(workdir)
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "

@@ -15,14 +15,17 @@ class TrainState:
   params: object             # nnx.State of the dense model
   opt_state: object          # optax state of the dense part
   emb: EmbeddingState        # tables and sparse optimizer slots
+  comm: object = None        # per-device error-feedback residuals (jaxrec.comm), or None
 
 
 def state_shardings(state: TrainState, emb) -> TrainState:
   """Dense parameters and their optimizer state replicated; tables and slots as the engine
-  lays them out (``emb`` is a ShardedEmbedding)."""
+  lays them out (``emb`` is a ShardedEmbedding); comm residuals one row per device."""
   rep = NamedSharding(emb.mesh, P())
+  per_device = NamedSharding(emb.mesh, P(emb.axes))
   return TrainState(rep, jax.tree.map(lambda _: rep, state.params),
-                    jax.tree.map(lambda _: rep, state.opt_state), emb.state_shardings())
+                    jax.tree.map(lambda _: rep, state.opt_state), emb.state_shardings(),
+                    jax.tree.map(lambda _: per_device, state.comm))
 
 
 def place_state(state: TrainState, emb) -> TrainState:

@@ -16,7 +16,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.comm.spec import CommSpec
 from jaxrec.embedding.sharded import ShardedEmbedding
+from jaxrec.train.comm_step import make_comm_train_step
 from jaxrec.train.state import TrainState, state_shardings
 
 
@@ -55,8 +57,10 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
   return train_step
 
 
-def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation
-                    ) -> Callable:
+def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
+                    comm: CommSpec | None = None) -> Callable:
+  if comm is not None and not comm.dense_is_default:
+    return make_comm_train_step(graphdef, emb, tx, comm, _forward)
   if getattr(emb, "is_dynamic", False):
     return make_dynamic_train_step(graphdef, emb, tx)
 
@@ -92,12 +96,14 @@ def make_eval_step(graphdef, emb: ShardedEmbedding) -> Callable:
 
 
 def jit_steps(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
-              state: TrainState):
-  """(train_step, eval_step) jitted with explicit shardings; train donates the state."""
+              state: TrainState, comm: CommSpec | None = None):
+  """(train_step, eval_step) jitted with explicit shardings; train donates the state.
+  ``comm``: how the dense gradients are all-reduced (None: XLA's flat fp32 psum)."""
   sh = state_shardings(state, emb)
   rep = NamedSharding(emb.mesh, P())
-  train = jax.jit(make_train_step(graphdef, emb, tx), in_shardings=(sh, emb.batch_sharding),
-                  out_shardings=(sh, rep), donate_argnums=0)
+  train = jax.jit(make_train_step(graphdef, emb, tx, comm),
+                  in_shardings=(sh, emb.batch_sharding), out_shardings=(sh, rep),
+                  donate_argnums=0)
   evaluate = jax.jit(make_eval_step(graphdef, emb), in_shardings=(sh, emb.batch_sharding),
                      out_shardings=emb.batch_sharding)
   return train, evaluate
