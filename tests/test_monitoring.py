@@ -279,9 +279,18 @@ def test_nan_batch_with_action_log_trains_on_and_logs_to_tensorboard(tmp_path, p
 def test_nan_batch_with_action_stop_raises_naming_step_and_metric(tmp_path, poisoned):
   c = tiny_config(anomaly_action="stop")
   c.checkpoint.enabled = False
+  c.embedding.dynamic = True                 # dynamic tables: their stats are monitors too
   with pytest.raises(AnomalyStop, match=rf"stopped at step {BAD_STEP}: loss became nan"):
     loop.train_and_evaluate(c, str(tmp_path))
-  assert [r["step"] for r in _records(tmp_path) if "samples_per_s" in r] == [5, 10]
+  logs = [r for r in _records(tmp_path) if "samples_per_s" in r]
+  assert [r["step"] for r in logs] == [5, 10]
+  tables = {k.split("/")[1] for k in logs[0] if k.endswith("/load_factor")}
+  assert len(tables) == 4
+  # Admissions and evictions are summed over each record's window: rows held = all admitted
+  # so far less all evicted.
+  held = np.cumsum([r["dynamic/admitted"] - r["dynamic/evicted"] for r in logs])
+  assert held.tolist() == [r["dynamic/size"] for r in logs] and held[0] > 0
+  assert all(r["dynamic/rejected"] >= 0 and 0 < r["dynamic/t_C1/load_factor"] <= 1 for r in logs)
 
 
 def test_nan_batch_with_action_rollback_restores_and_skips_the_window(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """Automatic rollback when training goes bad: NaN/Inf or a spike in the loss or gradient norm.
 
-The loop calls ``observe`` after every step with that step's metrics and the data position
-*after* its batch, and saves a version only when the answer is "continue" (so no saved version
-holds a bad step). On an anomaly the answer is "rollback": restore the newest version older
+``observe`` takes one step's metrics and the data position *after* its batch; the loop saves a
+version only when the answer is "continue" (so no saved version holds a bad step). The training
+loop's monitor (jaxrec.monitoring) calls ``check`` on steps fetched in batches and ``decide`` on
+the first bad one, always checking before a save. On an anomaly the answer is "rollback": restore the newest version older
 than the bad step and resume the data at the position after the bad batch, skipping the window
 between the two (a bad data hour costs that window and the steps since the version, not the
 run). ``recover`` carries it out and records the skipped window in the metadata of every later
