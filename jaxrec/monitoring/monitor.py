@@ -239,7 +239,7 @@ class Monitor:
     fetched = jax.device_get([v for _, _, v in self._pending])
     self._device_wait += time.perf_counter() - t
     pending, self._pending = self._pending, []
-    first = None
+    first, n = None, 0
     for (step, position, _), vals in zip(pending, fetched):
       self._losses.append(float(vals["loss"]))
       for k in _WINDOW_SUMS:
@@ -253,7 +253,7 @@ class Monitor:
         reason = f"step {step}: {int(vals['nonfinite'])} non-finite loss/gradient values"
       if reason is None:
         continue
-      self._window_anomalies += 1
+      n += 1
       if first is None:
         first = (step, position, reason)
       if self.action == "rollback":
@@ -261,13 +261,14 @@ class Monitor:
     if first is None:
       return Action("continue")
     step, position, reason = first
-    n = self._window_anomalies if self.action == "log" else 1
+    self._window_anomalies += n
     self.anomalies.append({"step": step, "reason": reason, "steps": n})
     self.event(step, "anomaly", reason=reason, action=self.action, anomalous_steps=n,
                checked_through_step=pending[-1][0])
     if self.action == "log":
-      self._say(f"monitor: anomaly at {reason} (action 'log': training goes on; "
-                f"{n} anomalous steps in this check)")
+      if self._window_anomalies == n:          # one printed line per log window at most
+        self._say(f"monitor: anomaly at {reason} (action 'log': training goes on; "
+                  f"{n} anomalous steps in this check)")
       return Action("continue")
     if self.action == "stop":
       self.writers.close()
