@@ -24,15 +24,27 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.mesh.shape = None               # None: every local device on one "data" axis
   c.mesh.axis_names = None          # None: ("data",), or ("host", "local") for 2-D shapes
 
-  # Snapshots in workdir/checkpoints (only when --workdir is given): resume on restart, roll
-  # back and skip the data window on a NaN/Inf or spiking loss.
+  # Snapshots in workdir/checkpoints (only when --workdir is given): resume on restart; the
+  # monitor's "rollback" restores one and skips the data window after an anomaly.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True
   c.checkpoint.every_steps = 2000
   c.checkpoint.keep = 3
   c.checkpoint.incremental = True
-  c.checkpoint.auto_rollback = True
-  c.checkpoint.spike_factor = 10.0
+
+  # Training monitors (jaxrec/monitoring/monitor.py lists the records): metrics.jsonl and
+  # TensorBoard event files in workdir/tensorboard, every log_every_steps.
+  c.monitor = ml_collections.ConfigDict()
+  c.monitor.tensorboard = True
+  # On NaN/Inf in the loss or gradients, or a spike: "log", "stop" (raise, naming the step and
+  # metric) or "rollback" (needs checkpoints; without a workdir it stops instead).
+  c.monitor.anomaly_action = "rollback"
+  c.monitor.spike_factor = 10.0         # x the running mean of loss / grad norms; 0: NaN/Inf only
+  c.monitor.spike_warmup_steps = 100
+  c.monitor.max_rollbacks = 5
+  c.monitor.check_every_steps = 10      # anomaly scalars fetched together: no per-step sync
+  c.monitor.streaming_auc_bins = 1024   # logit bins of the streaming training AUC
+  c.monitor.hot_row_fraction = 0.01     # hot_row_share: lookups hitting the batch's top 1% rows
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"

@@ -1,8 +1,9 @@
 """Automatic rollback when training goes bad: NaN/Inf or a spike in the loss or gradient norm.
 
-The loop calls ``observe`` after every step with that step's metrics and the data position
-*after* its batch, and saves a version only when the answer is "continue" (so no saved version
-holds a bad step). On an anomaly the answer is "rollback": restore the newest version older
+``observe`` takes one step's metrics and the data position *after* its batch; the loop saves a
+version only when the answer is "continue" (so no saved version holds a bad step). The training
+loop's monitor (jaxrec.monitoring) calls ``check`` on steps fetched in batches and ``decide`` on
+the first bad one, always checking before a save. On an anomaly the answer is "rollback": restore the newest version older
 than the bad step and resume the data at the position after the bad batch, skipping the window
 between the two (a bad data hour costs that window and the steps since the version, not the
 run). ``recover`` carries it out and records the skipped window in the metadata of every later
@@ -55,9 +56,12 @@ class Action:
 
 
 class AnomalyGuard:
-  """Watches step metrics; decides and performs rollbacks through ``checkpointer``."""
+  """Watches step metrics; decides and performs rollbacks through ``checkpointer``.
 
-  def __init__(self, checkpointer: Checkpointer, options: GuardOptions | None = None):
+  ``checkpointer`` may be None for detection only (``check``): then every anomaly ``decide``s
+  to abort."""
+
+  def __init__(self, checkpointer: Checkpointer | None, options: GuardOptions | None = None):
     self.ckpt = checkpointer
     self.options = options or GuardOptions()
     self._ema: dict[str, float] = {}
@@ -67,6 +71,12 @@ class AnomalyGuard:
   def observe(self, step: int, metrics: Mapping[str, Any], data_position: Any) -> Action:
     """Checks one step's metrics (this syncs on them). ``data_position``: where the data
     continues after this step's batch."""
+    reason = self.check(step, metrics)
+    return Action("continue") if reason is None else self.decide(reason, step, data_position)
+
+  def check(self, step: int, metrics: Mapping[str, Any]) -> str | None:
+    """What is wrong with one step's metrics ("step N: loss became nan"), or None; healthy
+    steps update the running means. Steps must come in order."""
     o = self.options
     vals = {k: float(metrics[k]) for k in o.metrics if k in metrics}
     bad = [f"{k} became {v}" for k, v in vals.items() if not math.isfinite(v)]
@@ -78,10 +88,17 @@ class AnomalyGuard:
         self._ema[k] = v if k not in self._ema else o.ema_decay * self._ema[k] + (
             1 - o.ema_decay) * v
       self._seen += 1
-      return Action("continue")
-    reason = f"step {step}: " + "; ".join(bad)
+      return None
+    return f"step {step}: " + "; ".join(bad)
+
+  def decide(self, reason: str, step: int, data_position: Any) -> Action:
+    """The action for an anomaly at ``step``: roll back to the newest version before it, or
+    abort when there is none (or no checkpointer, or too many rollbacks)."""
+    o = self.options
     if len(self.rollbacks) >= o.max_rollbacks:
       return Action("abort", f"{reason}; {len(self.rollbacks)} rollbacks already, giving up")
+    if self.ckpt is None:
+      return Action("abort", f"{reason}; no checkpoints to roll back to")
     self.ckpt.wait_until_finished()  # a version still being written counts
     v = self.ckpt.latest(before=step)
     if v is None:

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.comm import allreduce
 from jaxrec.comm.spec import CommSpec
+from jaxrec.monitoring.step_metrics import step_monitor_metrics
 from jaxrec.train.state import TrainState
 
 
@@ -39,8 +40,9 @@ def init_comm_state(params, emb, spec: CommSpec):
 
 
 def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: CommSpec,
-                         forward: Callable) -> Callable:
-  """``forward(graphdef, params, feats, dense) -> logits`` is the step's model call."""
+                         forward: Callable, monitors=None) -> Callable:
+  """``forward(graphdef, params, feats, dense) -> logits`` is the step's model call;
+  ``monitors``: a ``StepMonitors`` (the step then also returns the monitor values)."""
   if getattr(emb, "is_dynamic", False):
     raise ValueError("config.comm: a controlled dense all-reduce (dense_allreduce="
                      f"{spec.dense_allreduce!r}, dense_precision={spec.dense_precision!r}) is "
@@ -51,9 +53,10 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
   def local(params, feats, dense, labels, residual, step):
     def loss_fn(params, feats):
       logits = forward(graphdef, params, feats, dense)
-      return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+      return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
 
-    loss, (g_params, g_feats) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, feats)
+    (loss, logits), (g_params, g_feats) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, feats)
     g_flat, unravel = ravel_pytree(g_params)
     n = g_flat.shape[0]
     if spec.error_feedback:
@@ -70,7 +73,7 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
     # The global loss is the mean of the devices' local means (equal local batches).
     g_params = unravel((summed / nd).astype(g_flat.dtype))
     g_feats = [g / nd for g in g_feats]
-    return jax.lax.pmean(loss, axes), g_params, g_feats, residual
+    return jax.lax.pmean(loss, axes), logits, g_params, g_feats, residual
 
   def train_step(state: TrainState, batch: dict):
     step = state.step + 1
@@ -88,10 +91,10 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
     fn = jax.shard_map(
         local, mesh=emb.mesh,
         in_specs=(P(), feat_specs, spec_b, spec_b, spec_b, P()),
-        out_specs=(P(), P(), feat_specs, spec_b),
+        out_specs=(P(), spec_b, P(), feat_specs, spec_b),
         # The all-gathered sum is the same on every device, which the vma types cannot see.
         check_vma=False)
-    loss, g_params, g_feats, residual = fn(state.params, list(feats), batch["dense"],
+    loss, logits, g_params, g_feats, residual = fn(state.params, list(feats), batch["dense"],
                                            batch["labels"], residual, step)
     (emb_state,) = emb_vjp(g_feats)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
@@ -103,6 +106,8 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
         "embedding_overflow": stats[0],
         "invalid_ids": stats[1],
     }
+    if monitors is not None:
+      metrics |= step_monitor_metrics(monitors, loss, logits, batch["labels"], g_params, g_feats)
     return TrainState(step, params, opt_state, emb_state, comm), metrics
 
   return train_step

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 
 import jax
@@ -14,35 +11,14 @@ from absl import logging
 from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
+from jaxrec.monitoring import Monitor, MonitorOptions
+from jaxrec.monitoring.writers import JsonlWriter as MetricWriter  # noqa: F401 (its old home)
 from jaxrec.train import builders, metrics, sources
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
 from jaxrec.train.step import jit_steps
 from jaxrec.comm.spec import CommSpec
 from jaxrec.train.comm_step import init_comm_state
-
-
-class MetricWriter:
-  """Appends one JSON object per line to ``workdir/metrics.jsonl``."""
-
-  def __init__(self, workdir: str | None):
-    self._f = None
-    if workdir:
-      os.makedirs(workdir, exist_ok=True)
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-
-  def write(self, **record):
-    if self._f:
-      self._f.write(json.dumps(record, default=float) + "\n")
-
-  def close(self):
-    if self._f:
-      self._f.close()
-
-
-def _fmt_time(s: float) -> str:
-  s = int(max(s, 0))
-  return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _say(msg: str):
@@ -71,12 +47,12 @@ def _abstract(state):
 
 
 def _open_checkpoints(config, workdir, emb, state, data):
-  """(checkpointer, anomaly guard, state, step, example position): resumes from the newest
-  complete snapshot in ``workdir/checkpoints`` when there is one. Without a workdir, or with
-  checkpoint.enabled False, nothing is saved and training starts at step 0."""
+  """(checkpointer, state, step, example position): resumes from the newest complete snapshot
+  in ``workdir/checkpoints`` when there is one. Without a workdir, or with checkpoint.enabled
+  False, nothing is saved and training starts at step 0."""
   ck = config.get("checkpoint") or {}
   if not workdir or not ck.get("enabled", True):
-    return None, None, state, 0, 0
+    return None, state, 0, 0
   from jaxrec import checkpoint as ckpt_lib
   ckpt = ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir),
@@ -95,11 +71,7 @@ def _open_checkpoints(config, workdir, emb, state, data):
     _say(f"checkpoint: resumed from step {step} (example {pos:,}) in {ckpt_lib.checkpoint_dir(workdir)}")
   if fresh:  # a version to roll back to exists from the first step on
     ckpt.save(step, r.state, data_position=data.position(pos), force=True)
-  guard = None
-  if ck.get("auto_rollback", True):
-    guard = ckpt_lib.AnomalyGuard(
-        ckpt, ckpt_lib.GuardOptions(spike_factor=float(ck.get("spike_factor", 10.0))))
-  return ckpt, guard, r.state, step, pos
+  return ckpt, r.state, step, pos
 
 
 def train_and_evaluate(config, workdir: str | None = None) -> dict:
@@ -120,8 +92,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = init_state(config, emb, model, tx)
   state = place_state(state, emb)
-  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm)
-  writer = MetricWriter(workdir)
+  monitor_options = MonitorOptions.from_config(config)
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm,
+                                    monitor_options.step_monitors())
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "
@@ -144,46 +117,37 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                  mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
   _say(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
-  ckpt, guard, state, step, pos = _open_checkpoints(config, workdir, emb, state, data)
+  ckpt, state, step, pos = _open_checkpoints(config, workdir, emb, state, data)
   end = steps * d.batch_size
   put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
-  log_every = max(1, int(config.log_every_steps))
+  table_index = {t: i for i, t in enumerate(emb.table_specs)}
+  feature_table = {f.name: table_index[f.table] for f in emb.features}
+  monitor = Monitor(monitor_options, workdir=workdir, total_steps=steps,
+                    batch_size=d.batch_size, compiled=compiled, checkpointer=ckpt, say=_say,
+                    column_tables=np.repeat([feature_table[n] for n in layout.names],
+                                            layout.max_ids))
   t_start = time.perf_counter()
-  t_last, step_last, step_start = t_start, step, step
+  step_start = step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
     source = Prefetcher(data.train_batches(pos, end), put, depth=4)
     rolled_back = False
     try:
-      for batch in source:
+      for batch in monitor.timed(source):
         state, m = compiled(state, batch)
         step += 1
         pos += d.batch_size
-        if guard is not None:
-          act = guard.observe(step, m, data.position(pos))
-          if act.kind == "abort":
-            raise FloatingPointError(act.reason)
-          if act.kind == "rollback":
-            r = guard.recover(act, _abstract(state))
-            state, step, pos = r.state, int(r.step), int(r.data_position["example"])
-            _say(f"checkpoint: {r.report[-1]}")
-            writer.write(step=step, event=r.report[-1])
-            t_last, step_last = time.perf_counter(), step
-            rolled_back = True
-            break
+        act = monitor.after_step(step, m, batch, data.position(pos),
+                                 last=pos + d.batch_size > end,
+                                 save_due=ckpt is not None and ckpt.should_save(step))
+        if act.kind == "rollback":
+          r = monitor.guard.recover(act, _abstract(state))
+          state, step, pos = r.state, int(r.step), int(r.data_position["example"])
+          _say(f"checkpoint: {r.report[-1]}")
+          monitor.event(step, r.report[-1])
+          rolled_back = True
+          break
         if ckpt is not None:
           ckpt.save(step, state, data_position=data.position(pos))   # async; the policy decides
-        if step % log_every == 0 or step == steps:
-          loss = float(m["loss"])  # syncs; only on log steps
-          now = time.perf_counter()
-          rate = (step - step_last) * d.batch_size / max(now - t_last, 1e-9)
-          eta = (steps - step) * d.batch_size / max(rate, 1e-9)
-          _say(f"step {step:>6,}/{steps:,}  loss {loss:.4f}  {rate:>9,.0f} samples/s  "
-               f"ETA {_fmt_time(eta)}")
-          writer.write(step=step, loss=loss, samples_per_s=rate,
-                       **{k: float(v) for k, v in m.items() if k != "loss"})
-          if not np.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step}")
-          t_last, step_last = now, step
     finally:
       source.close()
     if not rolled_back:
@@ -206,9 +170,10 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
       "train_examples": steps * d.batch_size,
       "eval_examples": int(len(labels)),
       "train_seconds": train_time,
+      **monitor.summary(),
   }
-  writer.write(step=steps, **{f"final/{k}": v for k, v in summary.items()})
-  writer.close()
+  monitor.write(steps, **{f"final/{k}": v for k, v in summary.items()})
+  monitor.close()
   if ckpt is not None:
     ckpt.save(step, state, data_position=data.position(pos),
               metrics={"auc": summary["test_auc"]}, force=True)

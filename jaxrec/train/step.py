@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrec.comm.spec import CommSpec
 from jaxrec.embedding.sharded import ShardedEmbedding
 from jaxrec.train.comm_step import make_comm_train_step
+from jaxrec.monitoring.step_metrics import StepMonitors, step_monitor_metrics
 from jaxrec.train.state import TrainState, state_shardings
 
 
@@ -27,7 +28,8 @@ def _forward(graphdef, params, feats, dense):
   return model(dense, jnp.stack(feats, axis=1))[:, 0].astype(jnp.float32)
 
 
-def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> Callable:
+def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation,
+                            monitors: StepMonitors | None = None) -> Callable:
   """The step for a ``DynamicEmbedding``: its forward inserts and evicts (integer state, no
   custom_vjp), so the step differentiates w.r.t. the features and calls its ``update``."""
   def train_step(state: TrainState, batch: dict):
@@ -35,11 +37,8 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
     emb_state, feats, res, stats = emb.forward_train(state.emb, batch["ids"], batch["mask"],
                                                      step)
 
-    def loss_fn(params, feats):
-      logits = _forward(graphdef, params, feats, batch["dense"])
-      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
-
-    loss, (g_params, g_feats) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, feats)
+    (loss, logits), (g_params, g_feats) = jax.value_and_grad(
+        _loss_fn(graphdef, batch), argnums=(0, 1), has_aux=True)(state.params, feats)
     emb_state = emb.update(emb_state, res, g_feats, step)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -51,29 +50,43 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
         "invalid_ids": jnp.zeros((), jnp.int32),
         "dynamic/size": sum(stats[f"{t}/size"] for t in tables),  # rows held, all tables
         **{f"dynamic/{k}": v for k, v in stats.items()},
+        **{f"dynamic/{k}": sum(stats[f"{t}/{k}"] for t in tables)   # all tables, this step
+           for k in ("admitted", "rejected", "evicted", "insert_failures")},
     }
+    if monitors is not None:
+      metrics |= step_monitor_metrics(monitors, loss, logits, batch["labels"], g_params, g_feats)
     return TrainState(step, params, opt_state, emb_state), metrics
 
   return train_step
 
 
+def _loss_fn(graphdef, batch):
+  """(params, pooled features) -> (mean logloss, logits)."""
+  def loss_fn(params, feats):
+    logits = _forward(graphdef, params, feats, batch["dense"])
+    return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(), logits
+  return loss_fn
+
+
 def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
-                    comm: CommSpec | None = None) -> Callable:
+                    comm: CommSpec | None = None,
+                    monitors: StepMonitors | None = None) -> Callable:
+  """``comm``: how dense gradients are all-reduced (None: XLA's flat fp32 psum);
+  ``monitors``: also compute the monitor values of ``jaxrec.monitoring.step_metrics``."""
   if comm is not None and not comm.dense_is_default:
-    return make_comm_train_step(graphdef, emb, tx, comm, _forward)
+    return make_comm_train_step(graphdef, emb, tx, comm, _forward, monitors)
   if getattr(emb, "is_dynamic", False):
-    return make_dynamic_train_step(graphdef, emb, tx)
+    return make_dynamic_train_step(graphdef, emb, tx, monitors)
 
   def train_step(state: TrainState, batch: dict):
     step = state.step + 1
-
-    def loss_fn(params, emb_state):
-      feats, stats = emb.lookup(emb_state, batch["ids"], batch["mask"], step)
-      logits = _forward(graphdef, params, feats, batch["dense"])
-      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(), stats
-
-    (loss, stats), (g_params, emb_state) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.emb)
+    # vjp through the lookup, so the gradient w.r.t. the pooled features is at hand (a
+    # monitor); pulling it back through the custom_vjp yields the updated embedding state.
+    feats, lookup_vjp, stats = jax.vjp(
+        lambda s: emb.lookup(s, batch["ids"], batch["mask"], step), state.emb, has_aux=True)
+    (loss, logits), (g_params, g_feats) = jax.value_and_grad(
+        _loss_fn(graphdef, batch), argnums=(0, 1), has_aux=True)(state.params, feats)
+    (emb_state,) = lookup_vjp(g_feats)
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -82,6 +95,8 @@ def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransform
         "embedding_overflow": stats[0],   # requests dropped by full buckets (0 by default)
         "invalid_ids": stats[1],          # out-of-range IDs of index tables, treated as padding
     }
+    if monitors is not None:
+      metrics |= step_monitor_metrics(monitors, loss, logits, batch["labels"], g_params, g_feats)
     return TrainState(step, params, opt_state, emb_state), metrics
 
   return train_step
@@ -96,12 +111,13 @@ def make_eval_step(graphdef, emb: ShardedEmbedding) -> Callable:
 
 
 def jit_steps(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
-              state: TrainState, comm: CommSpec | None = None):
+              state: TrainState, comm: CommSpec | None = None,
+              monitors: StepMonitors | None = None):
   """(train_step, eval_step) jitted with explicit shardings; train donates the state.
   ``comm``: how the dense gradients are all-reduced (None: XLA's flat fp32 psum)."""
   sh = state_shardings(state, emb)
   rep = NamedSharding(emb.mesh, P())
-  train = jax.jit(make_train_step(graphdef, emb, tx, comm),
+  train = jax.jit(make_train_step(graphdef, emb, tx, comm, monitors),
                   in_shardings=(sh, emb.batch_sharding), out_shardings=(sh, rep),
                   donate_argnums=0)
   evaluate = jax.jit(make_eval_step(graphdef, emb), in_shardings=(sh, emb.batch_sharding),
