@@ -11,12 +11,16 @@ from jax.sharding import AxisType, Mesh
 
 def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] | None = None
               ) -> Mesh:
-  """A mesh over the first prod(shape) devices; default: every device on one "data" axis.
+  """A mesh over the first prod(shape) devices; default: every device on one "data" axis, or
+  ("host", "local") = (processes, devices per process) when the run has several processes.
 
   Two axes default to ("host", "local") (row-wise inside a host, table-wise across hosts).
   Axis types are Auto: the dense model carries no sharding annotations and GSPMD propagates
   the batch split through it; the embedding engine is manual inside its shard_map anyway.
   """
+  if shape is None and jax.process_count() > 1:
+    # jax.devices() lists each process's devices together, so a host row is one process.
+    shape = (jax.process_count(), jax.local_device_count())
   shape = tuple(int(s) for s in (shape or (jax.device_count(),)))
   if axis_names is None:
     axis_names = {1: ("data",), 2: ("host", "local")}.get(len(shape))

@@ -14,6 +14,7 @@ from absl import logging
 from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
+from jaxrec.distributed import data as dist_data
 from jaxrec.train import builders, metrics
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
@@ -44,7 +45,8 @@ def _fmt_time(s: float) -> str:
 
 
 def _say(msg: str):
-  print(msg, flush=True)
+  if dist_data.is_main_process():   # one voice in multi-process runs
+    print(msg, flush=True)
 
 
 def _data_sources(config):
@@ -63,10 +65,12 @@ def init_state(config, emb, model, tx) -> tuple:
 
 
 def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, predictions) of the whole eval set, on every process (each feeds its rows)."""
   preds, labels = [], []
   for b in batches:
-    preds.append(np.asarray(eval_fn(state, to_device(b))))
-    labels.append(b.labels)
+    batch = to_device(b)
+    preds.append(dist_data.to_host(eval_fn(state, batch)))
+    labels.append(dist_data.to_host(batch["labels"]))
   return np.concatenate(labels), np.concatenate(preds)
 
 
@@ -124,7 +128,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   graphdef, state = init_state(config, emb, model, tx)
   state = place_state(state, emb)
   train_step, eval_step = jit_steps(graphdef, emb, tx, state)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir if dist_data.is_main_process() else None)
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "
@@ -138,7 +142,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
     _say(f"dropping sparse features {list(dropped)} (their bags are empty)")
   to_device = lambda b: builders.device_batch(
       emb.check_batch(b.without_features(layout, dropped) if dropped else b))
-  example = to_device(stream.examples(0, d.batch_size))
+  # Shapes only: a multi-process jit cannot take host numpy arrays for sharded inputs.
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         to_device(stream.examples(0, d.batch_size)))
   t0 = time.perf_counter()
   compiled = train_step.lower(state, example).compile()
   mem = compiled.memory_analysis()
@@ -149,12 +155,15 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
 
   ckpt, guard, state, step, pos = _open_checkpoints(config, workdir, emb, state)
   end = steps * d.batch_size
-  put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
+  # Each process makes only its rows of every global batch (all of them with one process).
+  rows = dist_data.process_rows(emb.batch_sharding, d.batch_size)
+  put = lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, d.batch_size)
   log_every = max(1, int(config.log_every_steps))
   t_start = time.perf_counter()
   t_last, step_last, step_start = t_start, step, step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
-    source = Prefetcher(stream.batches(d.batch_size, pos, end), put, depth=4)
+    source = Prefetcher(dist_data.process_batches(stream.examples, d.batch_size, pos, end, rows),
+                        put, depth=4)
     rolled_back = False
     try:
       for batch in source:
@@ -198,9 +207,11 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   eval_start = int(d.get("eval_start") or d.train_examples)
   eval_n = int(d.eval_examples)
   eb = int(d.eval_batch_size)
-  labels, preds = evaluate(eval_step, state,
-                           stream.batches(eb, eval_start, eval_start + (eval_n // eb) * eb),
-                           to_device)
+  eval_rows = dist_data.process_rows(emb.batch_sharding, eb)
+  labels, preds = evaluate(
+      eval_step, state, dist_data.process_batches(stream.examples, eb, eval_start,
+                                                  eval_start + (eval_n // eb) * eb, eval_rows),
+      lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, eb))
   teacher = stream.teacher_probability(eval_start, eval_start + len(labels))
   summary = {
       "test_auc": metrics.auc(labels, preds),
