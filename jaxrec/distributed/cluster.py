@@ -88,13 +88,6 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
                        f" num_processes={num_processes}, process_id={process_id})")
     spec = ClusterSpec(coordinator_address, int(num_processes), int(process_id), local,
                        "explicit")
-  elif ENV_NUM_PROCESSES in env:
-    if ENV_PROCESS_ID not in env or (_int(env, ENV_NUM_PROCESSES) > 1
-                                     and ENV_COORDINATOR not in env):
-      raise ValueError(f"{ENV_NUM_PROCESSES} is set but {ENV_PROCESS_ID} or {ENV_COORDINATOR} "
-                       "is not: set all three (launch/local.py does)")
-    spec = ClusterSpec(env.get(ENV_COORDINATOR), _int(env, ENV_NUM_PROCESSES),
-                       _int(env, ENV_PROCESS_ID), local, "local")
   elif "JOB_COMPLETION_INDEX" in env and ENV_K8S_SERVICE in env:
     job = env.get(ENV_K8S_JOB) or re.sub(r"-\d+$", "", env.get("HOSTNAME", ""))
     if not job:
@@ -107,6 +100,13 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
     addr = _with_port(f"{job}-0.{env[ENV_K8S_SERVICE]}", env, DEFAULT_PORT)
     spec = ClusterSpec(addr, _int(env, ENV_NUM_PROCESSES), _int(env, "JOB_COMPLETION_INDEX"),
                        local, "kubernetes")
+  elif ENV_NUM_PROCESSES in env:
+    if ENV_PROCESS_ID not in env or (_int(env, ENV_NUM_PROCESSES) > 1
+                                     and ENV_COORDINATOR not in env):
+      raise ValueError(f"{ENV_NUM_PROCESSES} is set but {ENV_PROCESS_ID} or {ENV_COORDINATOR} "
+                       "is not: set all three (launch/local.py does)")
+    spec = ClusterSpec(env.get(ENV_COORDINATOR), _int(env, ENV_NUM_PROCESSES),
+                       _int(env, ENV_PROCESS_ID), local, "local")
   elif "SLURM_NTASKS" in env and "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS") > 1:
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodes:

@@ -6,8 +6,10 @@ What ends a run, and how fast (``Timeouts``):
 - a process never registers: process 0 says so, then JAX aborts at ``initialization`` s;
 - a process dies mid-run: its peers fail in their next collective (connection reset), or
   JAX's coordination service declares it dead after ``heartbeat`` seconds and aborts every
-  process with a message naming it. Our exception hook names the lost process too, and ends
-  the failing process at once (``os._exit``) so that its peers are not left waiting on it.
+  process (SIGABRT) with "The following tasks are unhealthy (stopped sending heartbeats): <i>"
+  or, when process 0 is the one gone, "the leader task was preempted/died";
+- a process raises: our exception hook says why and ends it at once (``os._exit(1)``) rather
+  than waiting in the exit barrier, so its peers fail fast instead of waiting on it.
 """
 
 from __future__ import annotations
@@ -134,7 +136,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
         process_id=spec.process_id, local_device_ids=local_ids,
         initialization_timeout=left, heartbeat_timeout_seconds=timeouts.heartbeat,
-        shutdown_timeout_seconds=timeouts.shutdown)
+        shutdown_timeout_seconds=timeouts.shutdown,
+        # We detected the cluster ourselves; JAX's SLURM detection would also pin each
+        # process to GPU number SLURM_LOCALID, wrong for one process per node.
+        cluster_detection_method="deactivate")
   finally:
     warn.cancel()
   install_fail_fast(timeouts)
@@ -148,25 +153,6 @@ def spec() -> ClusterSpec:
 
 # -- failing fast ---------------------------------------------------------------------------------
 
-def _lost_processes(timeouts: Timeouts) -> str:
-  """Asks the coordination service which processes stopped, for up to one heartbeat period."""
-  from jax._src import distributed as jdist   # the client is not public API
-  client = jdist.global_state.client
-  n = jax.process_count()
-  deadline = time.monotonic() + timeouts.heartbeat + 5
-  while True:
-    try:
-      live = client.get_live_nodes(list(range(n)))
-    except Exception:  # noqa: BLE001 - the coordinator itself is gone
-      return "the coordinator (process 0) is unreachable: it has most likely died"
-    dead = sorted(set(range(n)) - set(int(k) for k in live))
-    if dead:
-      return f"process(es) {dead} stopped (no heartbeat): they died or were killed"
-    if time.monotonic() > deadline:
-      return "every process still answers heartbeats; the failure is in the collective itself"
-    time.sleep(0.5)
-
-
 def _looks_like_peer_loss(e: BaseException) -> bool:
   text = str(e)
   return isinstance(e, jax.errors.JaxRuntimeError) and any(
@@ -175,12 +161,18 @@ def _looks_like_peer_loss(e: BaseException) -> bool:
 
 
 def report_failure(e: BaseException, timeouts: Timeouts | None = None) -> str:
-  """The one-line reason a multi-process run ends with ``e``, naming the lost process if any."""
+  """The one-line reason a multi-process run ends with ``e``.
+
+  A failed collective does not say which peer is gone, and asking the coordination service
+  (get_live_nodes) is itself a barrier, so we do not ask: JAX's coordination service names
+  the process whose heartbeats stopped, in every survivor's log.
+  """
   timeouts = timeouts or Timeouts.from_env()
   if _looks_like_peer_loss(e):
-    _say(f"a collective with the other processes failed: {str(e).splitlines()[0][:300]}")
-    _say("asking the coordinator which process is gone ...")
-    return f"another process failed: {_lost_processes(timeouts)}"
+    return (f"a collective with the other processes failed ({str(e).splitlines()[0][:300]}): "
+            "another process has most likely died or been killed; see its log (the "
+            f"coordination service names it after at most {timeouts.heartbeat} s without "
+            "heartbeats)")
   return f"this process failed: {type(e).__name__}: {e}"
 
 
