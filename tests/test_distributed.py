@@ -94,3 +94,14 @@ def test_one_process_holds_every_row(shape):
 def test_default_mesh_single_process():
   m = make_mesh()
   assert dict(m.shape) == {"data": 8}
+
+
+def test_multi_process_mesh_defaults_and_must_cover_every_device(monkeypatch):
+  # Pretend to be one of two processes with 4 devices each (the device list stays 8 long).
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+  m = make_mesh()
+  assert dict(m.shape) == {"host": 2, "local": 4}
+  assert make_mesh((8,)).size == 8
+  with pytest.raises(ValueError, match=r"covers 4 of the 8 devices of this 2-process run"):
+    make_mesh((4,))

@@ -30,5 +30,11 @@ def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] | No
   if n > jax.device_count():
     raise ValueError(f"mesh shape {shape} needs {n} devices but only {jax.device_count()} are "
                      "visible (on CPU set JAX_NUM_CPU_DEVICES before starting Python)")
+  if jax.process_count() > 1 and n != jax.device_count():
+    # A process without devices in the mesh would have no rows to feed and no shards to save.
+    raise ValueError(f"mesh shape {shape} covers {n} of the {jax.device_count()} devices of "
+                     f"this {jax.process_count()}-process run; a multi-process mesh must use "
+                     f"them all (leave config.mesh.shape unset for ({jax.process_count()}, "
+                     f"{jax.local_device_count()}))")
   return jax.make_mesh(shape, tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape),
                        devices=jax.devices()[:n])
