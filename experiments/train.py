@@ -1,6 +1,10 @@
 """Train and evaluate a jaxrec model.
 
   python experiments/train.py --config=experiments/configs/dlrm_synthetic.py --workdir=/tmp/run
+
+Multi-process runs take the same command under a launcher (launch/README.md): the process
+topology comes from the flags below or from the launcher's environment (SLURM, Kubernetes
+Indexed Job, launch/local.py).
 """
 
 import json
@@ -13,17 +17,27 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags
 
+from jaxrec import distributed
 from jaxrec.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where metrics (and later checkpoints) go")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (default: from the launcher's env)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..n-1")
+_LOCAL_DEVICES = flags.DEFINE_integer(
+    "local_device_count", None, "devices this process drives (CPU: how many to fake)")
 
 
 def main(argv):
   del argv
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _LOCAL_DEVICES.value)
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps(summary))
+  if distributed.is_main_process():
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import logging
 from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
+from jaxrec.distributed import data as dist_data
 from jaxrec.monitoring import Monitor, MonitorOptions
 from jaxrec.monitoring.writers import JsonlWriter as MetricWriter  # noqa: F401 (its old home)
 from jaxrec.train import builders, metrics, sources
@@ -22,7 +23,8 @@ from jaxrec.train.comm_step import init_comm_state
 
 
 def _say(msg: str):
-  print(msg, flush=True)
+  if dist_data.is_main_process():   # one voice in multi-process runs
+    print(msg, flush=True)
 
 
 def init_state(config, emb, model, tx) -> tuple:
@@ -34,10 +36,12 @@ def init_state(config, emb, model, tx) -> tuple:
 
 
 def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, predictions) of the whole eval set, on every process (each feeds its rows)."""
   preds, labels = [], []
   for b in batches:
-    preds.append(np.asarray(eval_fn(state, to_device(b))))
-    labels.append(b.labels)
+    batch = to_device(b)
+    preds.append(dist_data.to_host(eval_fn(state, batch)))
+    labels.append(dist_data.to_host(batch["labels"]))
   return np.concatenate(labels), np.concatenate(preds)
 
 
@@ -108,7 +112,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
     _say(f"dropping sparse features {list(dropped)} (their bags are empty)")
   to_device = lambda b: builders.device_batch(
       emb.check_batch(b.without_features(layout, dropped) if dropped else b))
-  example = to_device(data.example(d.batch_size))
+  # Shapes only: a multi-process jit cannot take host numpy arrays for sharded inputs.
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         to_device(data.example(d.batch_size)))
   t0 = time.perf_counter()
   compiled = train_step.lower(state, example).compile()
   mem = compiled.memory_analysis()
@@ -119,17 +125,21 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
 
   ckpt, state, step, pos = _open_checkpoints(config, workdir, emb, state, data)
   end = steps * d.batch_size
-  put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
+  # Each process makes only its rows of every global batch (all of them with one process).
+  multi = jax.process_count() > 1
+  rows = dist_data.process_rows(emb.batch_sharding, d.batch_size) if multi else None
+  put = lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, d.batch_size)
   table_index = {t: i for i, t in enumerate(emb.table_specs)}
   feature_table = {f.name: table_index[f.table] for f in emb.features}
-  monitor = Monitor(monitor_options, workdir=workdir, total_steps=steps,
+  monitor = Monitor(monitor_options, workdir=workdir if dist_data.is_main_process() else None,
+                    total_steps=steps,
                     batch_size=d.batch_size, compiled=compiled, checkpointer=ckpt, say=_say,
                     column_tables=np.repeat([feature_table[n] for n in layout.names],
                                             layout.max_ids))
   t_start = time.perf_counter()
   step_start = step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
-    source = Prefetcher(data.train_batches(pos, end), put, depth=4)
+    source = Prefetcher(data.train_batches(pos, end, rows), put, depth=4)
     rolled_back = False
     try:
       for batch in monitor.timed(source):
@@ -156,8 +166,10 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   train_time = time.perf_counter() - t_start
   samples_per_s = max(steps - step_start, 0) * d.batch_size / max(train_time, 1e-9)
 
-  labels, preds = evaluate(eval_step, state, data.eval_batches(int(d.eval_batch_size)),
-                           to_device)
+  eb = int(d.eval_batch_size)
+  eval_rows = dist_data.process_rows(emb.batch_sharding, eb) if multi else None
+  labels, preds = evaluate(eval_step, state, data.eval_batches(eb, eval_rows),
+                           lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, eb))
   teacher = data.eval_teacher(len(labels))  # None: no known teacher (real data)
   summary = {
       "test_auc": metrics.auc(labels, preds),

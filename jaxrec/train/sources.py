@@ -23,8 +23,10 @@
   paths or globs, gzip allowed), read in order by CriteoReader; training wraps around at the
   end of the files; resume re-reads and drops the rows already trained on.
 
-Every source yields host batches of the global batch size on one process; the store yields
-this process's ``batch_size / process_count`` rows for multi-host runs.
+Every source yields host batches of the global batch size on one process. In multi-process
+runs the loop passes ``rows``, this process's rows of each global batch: the generator makes
+only those examples, the store's pipeline reads this process's own slice of the snapshot (its
+``batch_size / process_count`` rows), Criteo files are read whole and sliced.
 """
 
 from __future__ import annotations
@@ -37,9 +39,19 @@ import numpy as np
 
 from jaxrec.data import criteo
 from jaxrec.data.batch import Batch, SparseLayout
+from jaxrec.distributed import data as dist_data
 
 SOURCES = ("synthetic", "store", "criteo")
 TEACHER_COLUMN = "teacher_prob"
+
+
+def slice_rows(b: Batch, rows: slice | None) -> Batch:
+  """The examples ``rows`` of a host batch (all of them for None)."""
+  if rows is None:
+    return b
+  return dataclasses.replace(b, **{f.name: getattr(b, f.name)[rows]
+                                   for f in dataclasses.fields(b)
+                                   if isinstance(getattr(b, f.name), np.ndarray)})
 
 
 class TrainData:
@@ -54,8 +66,10 @@ class TrainData:
     """A batch with the shapes training takes (for compiling the step)."""
     raise NotImplementedError
 
-  def train_batches(self, start: int, stop: int) -> Iterator[Batch]:
-    """Host batches covering examples [start, stop) of the training order."""
+  def train_batches(self, start: int, stop: int, rows: slice | None = None
+                    ) -> Iterator[Batch]:
+    """Host batches covering examples [start, stop) of the training order (``rows``: this
+    process's rows of each, None: all)."""
     raise NotImplementedError
 
   def position(self, pos: int) -> dict:
@@ -65,7 +79,7 @@ class TrainData:
   def resume_from(self, data_position: dict | None):
     """Checks a restored data position against this source (before train_batches)."""
 
-  def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+  def eval_batches(self, batch_size: int, rows: slice | None = None) -> Iterator[Batch]:
     raise NotImplementedError
 
   def eval_teacher(self, n: int) -> np.ndarray | None:
@@ -89,12 +103,17 @@ class SyntheticData(TrainData):
   def example(self, batch_size):
     return self.stream.examples(0, batch_size)
 
-  def train_batches(self, start, stop):
-    return self.stream.batches(self._batch, start, stop)
+  def train_batches(self, start, stop, rows=None):
+    if rows is None:
+      return self.stream.batches(self._batch, start, stop)
+    return dist_data.process_batches(self.stream.examples, self._batch, start, stop, rows)
 
-  def eval_batches(self, batch_size):
+  def eval_batches(self, batch_size, rows=None):
     n = self._eval_n // batch_size * batch_size
-    return self.stream.batches(batch_size, self._eval_start, self._eval_start + n)
+    if rows is None:
+      return self.stream.batches(batch_size, self._eval_start, self._eval_start + n)
+    return dist_data.process_batches(self.stream.examples, batch_size, self._eval_start,
+                                     self._eval_start + n, rows)
 
   def eval_teacher(self, n):
     return self.stream.teacher_probability(self._eval_start, self._eval_start + n)
@@ -175,16 +194,18 @@ class StoreData(TrainData):
   def resume_from(self, data_position):
     self._saved = (data_position or {}).get("store")
 
-  def train_batches(self, start, stop):
+  def train_batches(self, start, stop, rows=None):
+    del rows  # the pipeline already reads this process's own slice of the snapshot
     pipe = self._pipeline()
     # Step k reads batch k of the pipeline: the example count is the pipeline's position.
     pipe.set_state(dict(self._saved or {}, next_index=start // self._batch))
     return itertools.islice(pipe, (stop - start) // self._batch)
 
-  def eval_batches(self, batch_size):
+  def eval_batches(self, batch_size, rows=None):
     n = self._eval_rows(batch_size)
-    return itertools.islice(self.eval_snapshot.iter_batches(batch_size, drop_remainder=True),
-                            n // batch_size)
+    it = itertools.islice(self.eval_snapshot.iter_batches(batch_size, drop_remainder=True),
+                          n // batch_size)
+    return (slice_rows(b, rows) for b in it)
 
   def _eval_rows(self, batch_size: int) -> int:
     rows = self.eval_snapshot.num_rows
@@ -227,7 +248,7 @@ class CriteoData(TrainData):
   def example(self, batch_size):
     return next(iter(self._reader(self.train_files, batch_size)))
 
-  def train_batches(self, start, stop):
+  def train_batches(self, start, stop, rows=None):
     def passes():
       while True:
         got = False
@@ -238,11 +259,13 @@ class CriteoData(TrainData):
           raise ValueError(f"Criteo files {self.train_files} hold less than one batch "
                            f"({self._batch} rows)")
     skip = start // self._batch
-    return itertools.islice(passes(), skip, skip + (stop - start) // self._batch)
+    it = itertools.islice(passes(), skip, skip + (stop - start) // self._batch)
+    return (slice_rows(b, rows) for b in it)
 
-  def eval_batches(self, batch_size):
+  def eval_batches(self, batch_size, rows=None):
     it = iter(self._reader(self.eval_files, batch_size))
-    return itertools.islice(it, self._eval_n // batch_size) if self._eval_n else it
+    it = itertools.islice(it, self._eval_n // batch_size) if self._eval_n else it
+    return (slice_rows(b, rows) for b in it)
 
 
 def open_data(config) -> TrainData:
