@@ -14,7 +14,7 @@ from absl import logging
 from flax import nnx
 
 from jaxrec.data.prefetch import Prefetcher
-from jaxrec.train import builders, metrics
+from jaxrec.train import builders, metrics, tasks
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
 from jaxrec.train.step import jit_steps
@@ -123,7 +123,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = init_state(config, emb, model, tx)
   state = place_state(state, emb)
-  train_step, eval_step = jit_steps(graphdef, emb, tx, state)
+  # None: one task; (w_0, ..., w_T-1): fit T label columns (jaxrec/train/tasks.py).
+  task_weights = tuple(config.model.get("task_weights") or ()) or None
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state, task_weights=task_weights)
   writer = MetricWriter(workdir)
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
@@ -203,11 +205,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                            to_device)
   teacher = stream.teacher_probability(eval_start, eval_start + len(labels))
   summary = {
-      "test_auc": metrics.auc(labels, preds),
-      "test_logloss": metrics.logloss(labels, preds),
-      "bayes_auc": metrics.auc(labels, teacher),
-      "bayes_logloss": metrics.logloss(labels, teacher),
-      "constant_logloss": metrics.logloss(labels, np.full_like(preds, labels.mean())),
+      **tasks.summary(labels, preds, teacher),   # test_auc etc.: task 0 (click); then per task
       "samples_per_s": samples_per_s,
       "steps": steps,
       "train_examples": steps * d.batch_size,
@@ -225,4 +223,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
        f"(gap {summary['bayes_auc'] - summary['test_auc']:.4f}; constant predictor 0.5000) | "
        f"logloss {summary['test_logloss']:.4f} (Bayes {summary['bayes_logloss']:.4f}, constant "
        f"{summary['constant_logloss']:.4f}) | {samples_per_s:,.0f} samples/s")
+  for t in range(1, tasks.num_tasks(task_weights)):
+    k = tasks.task_name(t)
+    _say(f"{k}: test AUC {summary[f'test_auc_{k}']:.4f}  vs  Bayes-optimal AUC "
+         f"{summary[f'bayes_auc_{k}']:.4f} | logloss {summary[f'test_logloss_{k}']:.4f} "
+         f"(Bayes {summary[f'bayes_logloss_{k}']:.4f})")
   return summary

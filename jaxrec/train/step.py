@@ -17,15 +17,19 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec.embedding.sharded import ShardedEmbedding
+from jaxrec.train import tasks
 from jaxrec.train.state import TrainState, state_shardings
 
 
-def _forward(graphdef, params, feats, dense):
+def _forward(graphdef, params, feats, dense, num_tasks: int = 1):
+  """Logits [B] (one task) or [B, num_tasks]; see jaxrec/train/tasks.py."""
   model = nnx.merge(graphdef, params)
-  return model(dense, jnp.stack(feats, axis=1))[:, 0].astype(jnp.float32)
+  logits = model(dense, jnp.stack(feats, axis=1)).astype(jnp.float32)
+  return tasks.task_logits(logits, num_tasks)
 
 
-def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> Callable:
+def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation,
+                            task_weights=None) -> Callable:
   """The step for a ``DynamicEmbedding``: its forward inserts and evicts (integer state, no
   custom_vjp), so the step differentiates w.r.t. the features and calls its ``update``."""
   def train_step(state: TrainState, batch: dict):
@@ -34,8 +38,8 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
                                                      step)
 
     def loss_fn(params, feats):
-      logits = _forward(graphdef, params, feats, batch["dense"])
-      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+      logits = _forward(graphdef, params, feats, batch["dense"], tasks.num_tasks(task_weights))
+      return tasks.task_loss(logits, batch["labels"], task_weights)
 
     loss, (g_params, g_feats) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, feats)
     emb_state = emb.update(emb_state, res, g_feats, step)
@@ -55,18 +59,19 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation) -> 
   return train_step
 
 
-def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation
-                    ) -> Callable:
+def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
+                    task_weights=None) -> Callable:
+  """``task_weights``: None (one task) or one loss weight per task (jaxrec/train/tasks.py)."""
   if getattr(emb, "is_dynamic", False):
-    return make_dynamic_train_step(graphdef, emb, tx)
+    return make_dynamic_train_step(graphdef, emb, tx, task_weights)
 
   def train_step(state: TrainState, batch: dict):
     step = state.step + 1
 
     def loss_fn(params, emb_state):
       feats, stats = emb.lookup(emb_state, batch["ids"], batch["mask"], step)
-      logits = _forward(graphdef, params, feats, batch["dense"])
-      return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(), stats
+      logits = _forward(graphdef, params, feats, batch["dense"], tasks.num_tasks(task_weights))
+      return tasks.task_loss(logits, batch["labels"], task_weights), stats
 
     (loss, stats), (g_params, emb_state) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.emb)
@@ -83,21 +88,24 @@ def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransform
   return train_step
 
 
-def make_eval_step(graphdef, emb: ShardedEmbedding) -> Callable:
+def make_eval_step(graphdef, emb: ShardedEmbedding, num_tasks: int = 1) -> Callable:
   def eval_step(state: TrainState, batch: dict):
     feats, _, _ = emb.forward(state.emb, batch["ids"], batch["mask"])
-    return jax.nn.sigmoid(_forward(graphdef, state.params, feats, batch["dense"]))
+    return jax.nn.sigmoid(_forward(graphdef, state.params, feats, batch["dense"], num_tasks))
 
   return eval_step
 
 
 def jit_steps(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
-              state: TrainState):
-  """(train_step, eval_step) jitted with explicit shardings; train donates the state."""
+              state: TrainState, task_weights=None):
+  """(train_step, eval_step) jitted with explicit shardings; train donates the state. Eval
+  gives probabilities [B], or [B, T] with T = len(task_weights) tasks."""
   sh = state_shardings(state, emb)
   rep = NamedSharding(emb.mesh, P())
-  train = jax.jit(make_train_step(graphdef, emb, tx), in_shardings=(sh, emb.batch_sharding),
-                  out_shardings=(sh, rep), donate_argnums=0)
-  evaluate = jax.jit(make_eval_step(graphdef, emb), in_shardings=(sh, emb.batch_sharding),
+  train = jax.jit(make_train_step(graphdef, emb, tx, task_weights),
+                  in_shardings=(sh, emb.batch_sharding), out_shardings=(sh, rep),
+                  donate_argnums=0)
+  evaluate = jax.jit(make_eval_step(graphdef, emb, tasks.num_tasks(task_weights)),
+                     in_shardings=(sh, emb.batch_sharding),
                      out_shardings=emb.batch_sharding)
   return train, evaluate
