@@ -89,3 +89,38 @@ def test_bad_config_errors():
     SyntheticConfig(cardinalities=(3, 4), max_ids=(1,))
   with pytest.raises(ValueError, match="cardinalities"):
     SyntheticConfig(cardinalities=(0,))
+
+
+def test_conversion_label_keeps_the_click_stream_and_is_calibrated():
+  base = SyntheticCriteo(small_config(seed=0))
+  both = SyntheticCriteo(small_config(seed=0, conversion=True))
+  assert base.config.num_tasks == 1 and both.config.num_tasks == 2
+  a, pa = base.examples(3000, 123000, with_prob=True)
+  b, pb = both.examples(3000, 123000, with_prob=True)
+  assert b.labels.shape == (120000, 2) and pb.shape == (120000, 2)
+  # The click stream is bit-identical with the second label on.
+  for f in ("dense", "ids", "mask"):
+    np.testing.assert_array_equal(getattr(b, f), getattr(a, f))
+  np.testing.assert_array_equal(b.labels[:, 0], a.labels)
+  np.testing.assert_array_equal(pb[:, 0], pa)
+  click, conv = b.labels[:, 0], b.labels[:, 1]
+  assert (conv <= click).all() and 0.02 < conv.mean() < 0.15      # only clicks convert
+  q = pb[:, 1] / pb[:, 0]                                         # P(conversion | click, x)
+  assert ((q > 0) & (q < 1)).all() and q.std() > 0.1
+  # Conversion labels are Bernoulli(P(click) * q): calibration in deciles, over all examples
+  # and, as Bernoulli(q), among the clicks.
+  for y, p in ((conv, pb[:, 1]), (conv[click == 1], q[click == 1])):
+    edges = np.quantile(p, np.linspace(0, 1, 11))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+      sel = (p >= lo) & (p < hi)
+      assert abs(y[sel].mean() - p[sel].mean()) < 0.025
+  # The conversion teacher has effects of its own: ranking by P(click) alone is worse.
+  bayes = auc(conv, pb[:, 1])
+  assert 0.8 < bayes < 0.97 and bayes > auc(conv, pb[:, 0]) + 0.01
+  # Random access holds for both labels.
+  np.testing.assert_array_equal(both.examples(4000, 4200).labels, b.labels[1000:1200])
+
+
+def test_conversion_config_errors():
+  with pytest.raises(ValueError, match="conversion_features"):
+    SyntheticConfig(cardinalities=(3, 4), conversion_features=-1)

@@ -1,10 +1,12 @@
-"""MMoE (two tasks, e.g. click and conversion) on the synthetic Criteo-like stream.
+"""MMoE (two tasks: click and conversion) on the synthetic Criteo-like stream.
 
   python experiments/train.py --config=experiments/configs/mmoe_synthetic.py --workdir=/tmp/mmoe
 
-The model has two heads, but the synthetic stream has one label and the train step fits
-logits[:, 0] only: this run trains the first (click) head with its gate, the shared experts and
-the embeddings; the second head is untrained. Variants as dlrm_synthetic: `:tiny`, `:test`, `:kaggle`.
+The stream draws a second label (``data.synthetic.conversion``: a click converts with a known
+probability, so P(conversion) and its Bayes AUC are known too); both heads train, the loss is
+``task_weights[0] * BCE(click) + task_weights[1] * BCE(conversion)``, and the summary reports
+test_auc / bayes_auc (click) and test_auc_conversion / bayes_auc_conversion. Variants as
+dlrm_synthetic: `:tiny`, `:test`, `:kaggle`.
 """
 
 import ml_collections
@@ -14,8 +16,10 @@ from experiments.configs import dlrm_synthetic
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = dlrm_synthetic.get_config(variant)
+  c.data.synthetic.conversion = True
   c.model.name = "mmoe"
   c.model.top_mlp = (64, 1)             # each task's tower
+  c.model.task_weights = (1.0, 1.0)     # loss weight per task: click, conversion
   c.model.options = ml_collections.ConfigDict()
   c.model.options.num_tasks = 2
   c.model.options.num_experts = 4

@@ -15,6 +15,12 @@ while leaving most of the signal in the large-cardinality features (masking them
 on a tenth of the data, costs a lot of AUC). The teacher's true probability of every example is
 returned, so the Bayes-optimal AUC of any split is known exactly.
 
+Conversion (optional second label, ``conversion=True``): a clicked example converts with
+probability q = sigmoid(conv_bias + conv_shared * (click per-ID effects) + own per-ID effects of
+the ``conversion_features`` largest features), drawn from its own random stream; a non-click
+never converts. So P(conversion | x) = P(click | x) * q(x) is known, labels become [B, 2]
+(click, conversion) and probabilities [B, 2]. Off, the stream is bit-identical to before.
+
 Drift (optional): the item at popularity rank r at example t is identity r + floor(t * drift),
 so new IDs keep entering the head and old ones fade, as in a real ads stream.
 """
@@ -75,6 +81,12 @@ class SyntheticConfig:
   dense_scale: float = 0.3
   dense_nonlinear: float = 0.4
   drift: float = 0.0                   # identities shifted per example (0 = stationary)
+  # Second label (conversion given click); see the module docstring.
+  conversion: bool = False
+  conversion_bias: float = -0.8
+  conversion_shared: float = 0.6       # weight on the click teacher's per-ID effects
+  conversion_id_weight_scale: float = 0.45   # std of the conversion-only head-ID effects
+  conversion_features: int = 6         # how many features carry them (largest first, capped)
   block_size: int = 4096
 
   def __post_init__(self):
@@ -87,6 +99,14 @@ class SyntheticConfig:
                        f"{len(self.cardinalities)} features")
     if self.zipf_exponent <= 0:
       raise ValueError(f"SyntheticConfig.zipf_exponent must be > 0, got {self.zipf_exponent}")
+    if self.conversion_features < 0:
+      raise ValueError(f"SyntheticConfig.conversion_features must be >= 0, got "
+                       f"{self.conversion_features}")
+
+  @property
+  def num_tasks(self) -> int:
+    """Label columns: 1 (click) or 2 (click, conversion)."""
+    return 2 if self.conversion else 1
 
   @property
   def num_features(self) -> int:
@@ -108,6 +128,8 @@ class SyntheticCriteo:
     order = np.argsort(-np.asarray(c.cardinalities), kind="stable")
     self._weighted = np.zeros(c.num_features, bool)
     self._weighted[order[:c.weighted_features]] = True
+    self._converting = np.zeros(c.num_features, bool)
+    self._converting[order[:c.conversion_features]] = True
     big = order[:max(2, min(c.num_features, 8))]
     pairs = set()
     while len(pairs) < min(c.num_pairs, len(big) * (len(big) - 1) // 2):
@@ -161,6 +183,9 @@ class SyntheticCriteo:
     ids = np.zeros((n, layout.num_columns), np.uint64)
     mask = np.zeros((n, layout.num_columns), bool)
     latent: dict[int, np.ndarray] = {}
+    # Conversion teacher: per-ID parts only, so the click stream's draws are untouched.
+    id_effects = np.zeros(n)
+    conv_logit = np.full(n, c.conversion_bias)
     for f, card in enumerate(c.cardinalities):
       L = layout.max_ids[f]
       ranks = self._zipf_ranks(rng, n, card, (n, L))
@@ -177,9 +202,15 @@ class SyntheticCriteo:
       if self._weighted[f]:
         w = _hash_normal(identity, self._salts[f]) * c.id_weight_scale
         w *= (1.0 + ranks / c.rare_rank) ** (-c.rare_power)
-        logit += (w * valid).sum(1) / denom[:, 0]
+        effect = (w * valid).sum(1) / denom[:, 0]
+        logit += effect
+        id_effects += effect
         if parts is not None:
-          parts[f] = (ranks, (w * valid).sum(1) / denom[:, 0])
+          parts[f] = (ranks, effect)
+      if c.conversion and self._converting[f]:
+        v = _hash_normal(identity, self._salts[f] + 0x3C6EF372) * c.conversion_id_weight_scale
+        v *= (1.0 + ranks / c.rare_rank) ** (-c.rare_power)
+        conv_logit += (v * valid).sum(1) / denom[:, 0]
       if any(f in p for p in self.pairs):
         z = np.stack([_hash_normal(identity, self._salts[f] + 17 * (k + 1))
                       for k in range(c.latent_dim)], -1)
@@ -195,6 +226,14 @@ class SyntheticCriteo:
 
     prob = 1.0 / (1.0 + np.exp(-logit))
     labels = (rng.random(n) < prob).astype(np.float32)
+    if c.conversion:
+      q = 1.0 / (1.0 + np.exp(-(conv_logit + c.conversion_shared * id_effects)))
+      conv_rng = np.random.default_rng([c.seed, 2, block])
+      conv = labels * (conv_rng.random(n) < q)
+      labels = np.stack([labels, conv.astype(np.float32)], axis=1)
+      prob = np.stack([prob, prob * q], axis=1)
+      if parts is not None:
+        parts["conversion_given_click"] = q
     return Batch(dense.astype(np.float32), ids, mask, labels), prob.astype(np.float32)
 
   # ---- public API -------------------------------------------------------------------------------
@@ -225,6 +264,7 @@ class SyntheticCriteo:
       pos += batch_size
 
   def teacher_probability(self, start: int, stop: int) -> np.ndarray:
+    """P(label = 1 | example) for [start, stop): [N], or [N, 2] (click, conversion)."""
     return self.examples(start, stop, with_prob=True)[1]
 
 

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrec.comm import allreduce
 from jaxrec.comm.spec import CommSpec
 from jaxrec.monitoring.step_metrics import step_monitor_metrics
+from jaxrec.train import tasks
 from jaxrec.train.state import TrainState
 
 
@@ -40,9 +41,10 @@ def init_comm_state(params, emb, spec: CommSpec):
 
 
 def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: CommSpec,
-                         forward: Callable, monitors=None) -> Callable:
-  """``forward(graphdef, params, feats, dense) -> logits`` is the step's model call;
-  ``monitors``: a ``StepMonitors`` (the step then also returns the monitor values)."""
+                         forward: Callable, monitors=None, task_weights=None) -> Callable:
+  """``forward(graphdef, params, feats, dense, num_tasks) -> logits`` is the step's model
+  call; ``monitors``: a ``StepMonitors`` (the step then also returns the monitor values);
+  ``task_weights``: as in ``jaxrec.train.tasks``."""
   if getattr(emb, "is_dynamic", False):
     raise ValueError("config.comm: a controlled dense all-reduce (dense_allreduce="
                      f"{spec.dense_allreduce!r}, dense_precision={spec.dense_precision!r}) is "
@@ -52,8 +54,8 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
 
   def local(params, feats, dense, labels, residual, step):
     def loss_fn(params, feats):
-      logits = forward(graphdef, params, feats, dense)
-      return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), logits
+      logits = forward(graphdef, params, feats, dense, tasks.num_tasks(task_weights))
+      return tasks.task_loss(logits, labels, task_weights), logits
 
     (loss, logits), (g_params, g_feats) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(params, feats)
@@ -107,7 +109,9 @@ def make_comm_train_step(graphdef, emb, tx: optax.GradientTransformation, spec: 
         "invalid_ids": stats[1],
     }
     if monitors is not None:
-      metrics |= step_monitor_metrics(monitors, loss, logits, batch["labels"], g_params, g_feats)
+      first = lambda x: x[:, 0] if x.ndim == 2 else x   # the monitors follow task 0
+      metrics |= step_monitor_metrics(monitors, loss, first(logits), first(batch["labels"]),
+                                      g_params, g_feats)
     return TrainState(step, params, opt_state, emb_state, comm), metrics
 
   return train_step

@@ -14,7 +14,7 @@ from jaxrec.data.prefetch import Prefetcher
 from jaxrec.distributed import data as dist_data
 from jaxrec.monitoring import Monitor, MonitorOptions
 from jaxrec.monitoring.writers import JsonlWriter as MetricWriter  # noqa: F401 (its old home)
-from jaxrec.train import builders, metrics, sources
+from jaxrec.train import builders, metrics, sources, tasks
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.train.state import TrainState, place_state
 from jaxrec.train.step import jit_steps
@@ -97,8 +97,10 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   graphdef, state = init_state(config, emb, model, tx)
   state = place_state(state, emb)
   monitor_options = MonitorOptions.from_config(config)
+  # None: one task; (w_0, ..., w_T-1): fit T label columns (jaxrec/train/tasks.py).
+  task_weights = tuple(config.model.get("task_weights") or ()) or None
   train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm,
-                                    monitor_options.step_monitors())
+                                    monitor_options.step_monitors(), task_weights)
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "
@@ -172,11 +174,7 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                            lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, eb))
   teacher = data.eval_teacher(len(labels))  # None: no known teacher (real data)
   summary = {
-      "test_auc": metrics.auc(labels, preds),
-      "test_logloss": metrics.logloss(labels, preds),
-      "bayes_auc": None if teacher is None else metrics.auc(labels, teacher),
-      "bayes_logloss": None if teacher is None else metrics.logloss(labels, teacher),
-      "constant_logloss": metrics.logloss(labels, np.full_like(preds, labels.mean())),
+      **tasks.summary(labels, preds, teacher),   # test_auc etc.: task 0 (click); then per task
       "samples_per_s": samples_per_s,
       "steps": steps,
       "train_examples": steps * d.batch_size,
@@ -200,4 +198,10 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
          f"(gap {summary['bayes_auc'] - summary['test_auc']:.4f}; constant predictor 0.5000) | "
          f"logloss {summary['test_logloss']:.4f} (Bayes {summary['bayes_logloss']:.4f}, constant "
          f"{summary['constant_logloss']:.4f}) | {samples_per_s:,.0f} samples/s")
+  for t in range(1, tasks.num_tasks(task_weights)):
+    k = tasks.task_name(t)
+    bayes = summary[f"bayes_auc_{k}"]
+    _say(f"{k}: test AUC {summary[f'test_auc_{k}']:.4f}"
+         + ("" if bayes is None else f"  vs  Bayes-optimal AUC {bayes:.4f}")
+         + f" | logloss {summary[f'test_logloss_{k}']:.4f}")
   return summary
