@@ -70,6 +70,16 @@ def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray
   return np.concatenate(labels), np.concatenate(preds)
 
 
+def _held_out(config, stream, eval_step, state, to_device) -> dict:
+  """AUC and logloss on the held-out examples (the final evaluation's, mid-run)."""
+  d = config.data
+  start, eb = int(d.get("eval_start") or d.train_examples), int(d.eval_batch_size)
+  labels, preds = evaluate(eval_step, state,
+                           stream.batches(eb, start, start + (int(d.eval_examples) // eb) * eb),
+                           to_device)
+  return {"auc": metrics.auc(labels, preds), "logloss": metrics.logloss(labels, preds)}
+
+
 def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       state)
@@ -151,6 +161,8 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   end = steps * d.batch_size
   put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
   log_every = max(1, int(config.log_every_steps))
+  # Held-out AUC during training (AUC-vs-steps curves); its time is not training time.
+  eval_every, eval_seconds = int(config.get("eval_every_steps") or 0), 0.0
   t_start = time.perf_counter()
   t_last, step_last, step_start = t_start, step, step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
@@ -187,12 +199,19 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
           if not np.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}")
           t_last, step_last = now, step
+        if eval_every and step % eval_every == 0 and step < steps:
+          jax.block_until_ready(state)
+          t_eval = time.perf_counter()
+          writer.write(step=step, **{f"eval/{k}": v for k, v in
+                                     _held_out(config, stream, eval_step, state, to_device).items()})
+          t_eval = time.perf_counter() - t_eval
+          eval_seconds, t_last = eval_seconds + t_eval, t_last + t_eval
     finally:
       source.close()
     if not rolled_back:
       break
   jax.block_until_ready(state)
-  train_time = time.perf_counter() - t_start
+  train_time = time.perf_counter() - t_start - eval_seconds
   samples_per_s = max(steps - step_start, 0) * d.batch_size / max(train_time, 1e-9)
 
   eval_start = int(d.get("eval_start") or d.train_examples)
