@@ -141,7 +141,7 @@ def plan_runs(abl) -> list[dict]:
         spec["seed_keys"] = list(abl.get("seed_keys", ("seed",)))
       else:
         spec["torchrec_python"] = abl.get("torchrec_python", "") or ""
-      runs.append(spec)
+      runs.append(json.loads(json.dumps(spec)))  # as spec.json holds it: resume compares
   return runs
 
 
@@ -412,7 +412,7 @@ def write_figures(abl, variants, results, cells, metrics, out: str) -> list[str]
           ax.fill_between(x, m - sd, m + sd, alpha=0.2)
       ax.set_xlabel("training examples" if per_examples else "step")
       ax.set_ylabel(ylabel)
-      ax.set_title(f"{abl.name}: {ylabel} (mean ± std over seeds)")
+      ax.set_title(f"{abl.name}: {ylabel} (mean ± std over seeds)", fontsize=10)
       ax.grid(alpha=0.3)
       ax.legend(fontsize=8)
       fig.tight_layout()
@@ -420,7 +420,7 @@ def write_figures(abl, variants, results, cells, metrics, out: str) -> list[str]
       plt.close(fig)
       paths.append(os.path.join(out, fname))
   bars = [(k, title) for k, title, unit in metrics if unit == "count"]
-  fig, ax = plt.subplots(figsize=(max(4.8, 1.0 * len(variants) * len(bars) + 2), 4.2))
+  fig, ax = plt.subplots(figsize=(max(6.4, 1.0 * len(variants) * len(bars) + 2), 4.2))
   width = 0.8 / len(bars)
   for j, (k, title) in enumerate(bars):
     means = [cells[v][k][0] or 0.0 for v in variants]
@@ -429,7 +429,7 @@ def write_figures(abl, variants, results, cells, metrics, out: str) -> list[str]
            yerr=errs, capsize=3, label=title)
   ax.set_xticks(np.arange(len(variants)), variants, rotation=20, ha="right")
   ax.set_ylabel("samples/s")
-  ax.set_title(f"{abl.name}: training throughput (mean ± std)")
+  ax.set_title(f"{abl.name}: training throughput (mean ± std)", fontsize=10)
   if len(bars) > 1:
     ax.legend(fontsize=8)
   ax.grid(axis="y", alpha=0.3)
@@ -483,7 +483,8 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
         raise
       except Exception as e:  # one broken run must not cost the others
         failed.append(f"{spec['variant']}/seed{spec['seed']}")
-        say(f"{tag}: FAILED ({type(e).__name__}: {str(e)[-1500:]})")
+        last = [l for l in str(e).splitlines() if l.strip()][-1:] or [""]
+        say(f"{tag}: FAILED ({type(e).__name__}: {last[0][:300]}; see {rdir}/log.txt)")
         continue
       key = "test_auc" if kind == "train" else "speedup_vs_torchrec"
       say(f"{tag}: {metrics[0][1]} {_fmt(done.get('samples_per_s'), 'count')}, {key} "

@@ -16,6 +16,7 @@ def get_config(variant: str = ""):
                       "experiments/configs/dlrm_sharded.py", variant, devices=8)
   types = ("data_parallel", "row_wise") if variant == "tiny" else (
       "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise")
+  c.overrides += (("embedding.memory_budget_mib", 256.0),)  # data_parallel replicates all
   c.variants = tuple(
       (t, {"embedding.sharding": t, **({"mesh.shape": (2, 4)} if t == "table_row_wise" else {})})
       for t in types)
