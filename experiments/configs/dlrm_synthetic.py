@@ -19,6 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.log_every_steps = 200
+  c.eval_every_steps = 0            # >0: held-out AUC/logloss every N steps in metrics.jsonl
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = None               # None: every local device on one "data" axis

@@ -45,6 +45,14 @@ def evaluate(eval_fn, state, batches, to_device) -> tuple[np.ndarray, np.ndarray
   return np.concatenate(labels), np.concatenate(preds)
 
 
+def _held_out(data, eval_step, state, eval_batch_size, rows, put) -> dict:
+  """AUC and logloss of task 0 on the held-out examples (the final evaluation's, mid-run)."""
+  labels, preds = evaluate(eval_step, state, data.eval_batches(eval_batch_size, rows), put)
+  first = lambda x: x[:, 0] if x.ndim == 2 else x
+  return {"auc": metrics.auc(first(labels), first(preds)),
+          "logloss": metrics.logloss(first(labels), first(preds))}
+
+
 def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       state)
@@ -138,6 +146,11 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
                     batch_size=d.batch_size, compiled=compiled, checkpointer=ckpt, say=_say,
                     column_tables=np.repeat([feature_table[n] for n in layout.names],
                                             layout.max_ids))
+  eb = int(d.eval_batch_size)
+  eval_rows = dist_data.process_rows(emb.batch_sharding, eb) if multi else None
+  eval_put = lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, eb)
+  # Held-out AUC during training (AUC-vs-steps curves); its time is not training time.
+  eval_every, eval_seconds = int(config.get("eval_every_steps") or 0), 0.0
   t_start = time.perf_counter()
   step_start = step
   while pos + d.batch_size <= end:          # more than one pass only after a rollback
@@ -160,18 +173,21 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
           break
         if ckpt is not None:
           ckpt.save(step, state, data_position=data.position(pos))   # async; the policy decides
+        if eval_every and step % eval_every == 0 and step < steps:
+          jax.block_until_ready(state)
+          t_eval = time.perf_counter()
+          monitor.write(step, **{f"eval/{k}": v for k, v in _held_out(
+              data, eval_step, state, eb, eval_rows, eval_put).items()})
+          eval_seconds += time.perf_counter() - t_eval
     finally:
       source.close()
     if not rolled_back:
       break
   jax.block_until_ready(state)
-  train_time = time.perf_counter() - t_start
+  train_time = time.perf_counter() - t_start - eval_seconds
   samples_per_s = max(steps - step_start, 0) * d.batch_size / max(train_time, 1e-9)
 
-  eb = int(d.eval_batch_size)
-  eval_rows = dist_data.process_rows(emb.batch_sharding, eb) if multi else None
-  labels, preds = evaluate(eval_step, state, data.eval_batches(eb, eval_rows),
-                           lambda b: dist_data.to_global(to_device(b), emb.batch_sharding, eb))
+  labels, preds = evaluate(eval_step, state, data.eval_batches(eb, eval_rows), eval_put)
   teacher = data.eval_teacher(len(labels))  # None: no known teacher (real data)
   summary = {
       **tasks.summary(labels, preds, teacher),   # test_auc etc.: task 0 (click); then per task
