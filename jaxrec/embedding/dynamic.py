@@ -9,10 +9,17 @@ devices`` rows (rounded up to a power of two). All of a step's dynamic work runs
     (the hash row-wise static tables route with, ``routing.hash_u64_pair``) -> per-destination
     buckets in batch order -> all_to_all -> on the owner: ``maybe_evict`` (every K steps or past
     a load factor), then ``find_or_insert`` (admission, inserts, full-table policy) -> gather
-    rows (-1, i.e. not admitted or rejected, reads zeros) -> all_to_all back -> pool bags.
+    rows (-1, i.e. not admitted or rejected, reads the default row) -> all_to_all back -> pool.
   update (the backward), per table: per-occurrence gradients -> the same buckets ->
     all_to_all to owners -> ``stacked.sparse_update`` (dedup by row, segment-sum, the table's
-    row-wise optimizer on values and slots). Rows of -1 take no update.
+    row-wise optimizer on values and slots). Rows of -1 take no update; with
+    ``DynamicSpec(default_row="trainable")`` their gradient trains the table's default row.
+
+Tables of the same shape (capacity, dim, optimizer, policies: ``TableGroup``) run as one
+program: their states are stacked on a leading table axis and the per-table code above is
+``jax.vmap``-ed over it, with the table's salt and init scale as traced inputs, so the 26
+tables of a Criteo-like model compile a few hash-table programs instead of 26 (one
+all_to_all per group, too). A group of one table runs unbatched.
 
 Why not a custom_vjp like ``ShardedEmbedding.lookup``: the forward itself changes the state
 (inserts, evictions, counters, all integer arrays), and integer leaves cannot travel as a
@@ -21,7 +28,8 @@ stats), differentiates the dense model w.r.t. the features, and calls ``update``
 
 Owners see their queries in global batch order whatever the mesh size, and initial rows are
 a hash of (ID, column, table seed), so one device and eight give the same values and slots for
-every ID (row positions differ; compare with ``export``).
+every ID (row positions differ; compare with ``export``). A trainable default row sums its
+gradient over devices (a psum): equal across meshes up to float summation order.
 """
 
 from __future__ import annotations
@@ -107,6 +115,23 @@ def eviction_policy(t: TableSpec) -> ht.EvictionPolicy | None:
                            min_l2_norm=d.min_l2_norm, max_load_factor=d.max_load_factor)
 
 
+@dataclasses.dataclass(frozen=True)
+class TableGroup:
+  """Dynamic tables that run as one program: the same hash-table shape (capacity, dim, slots,
+  admission, full-table policy), optimizer, eviction policy, lanes a row and default row.
+  They differ only in their salt (routing, row init, admission coin) and init scale, which
+  the vmapped program takes per table."""
+
+  name: str
+  tables: tuple[str, ...]
+  spec: ht.HashTableSpec      # the first table's (its seed and init_scale are replaced)
+  salts: np.ndarray           # uint32 [T]
+  scales: np.ndarray          # float32 [T]
+
+
+DEFAULTS = "@default"  # state key of the trainable default rows: {table: {"values", "slots"}}
+
+
 class DynamicEmbedding(MeshEngine):
   """Dynamic tables over a mesh: the same surface as ``ShardedEmbedding`` where a train step
   needs it (``init``, ``forward``, ``state_shardings``, ``batch_sharding``, ``check_batch``),
@@ -116,14 +141,17 @@ class DynamicEmbedding(MeshEngine):
     tables, features: the specs; every table a feature reads must be dynamic.
     mesh: the batch and every table are split over all its axes.
     capacity_factor: None (buckets never overflow) or a bucket size relative to the mean
-      requests per destination; requests past a full bucket read zeros, are not updated, and
-      are counted in the ``overflow`` stat.
+      requests per destination; requests past a full bucket read the default row (zeros
+      unless trainable), are not updated, and are counted in the ``overflow`` stat.
+    group_tables: run same-shaped tables as one vmapped program (``TableGroup``); False gives
+      every table its own program (the same results, compiled once per table).
   """
 
   is_dynamic = True
 
   def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec], mesh, *,
-               batch_size: int = 1, capacity_factor: float | None = None):
+               batch_size: int = 1, capacity_factor: float | None = None,
+               group_tables: bool = True):
     tables, features = list(tables), list(features)
     validate(tables, features)
     del batch_size  # the buckets are sized from the traced batch
@@ -136,8 +164,10 @@ class DynamicEmbedding(MeshEngine):
     static = [n for n, t in self.table_specs.items() if t.dynamic is None]
     if static:
       raise ValueError(f"tables {static} are static (rows set): DynamicEmbedding holds dynamic "
-                       "tables only (TableSpec(rows=None, dynamic=DynamicSpec(...))); mixing "
-                       "static and dynamic tables in one model is not supported yet")
+                       "tables only (TableSpec(rows=None, dynamic=DynamicSpec(...))); a model "
+                       "with both kinds uses jaxrec.embedding.mixed.MixedEmbedding")
+    if DEFAULTS in self.table_specs:
+      raise ValueError(f"table name {DEFAULTS!r} is reserved for the default rows; rename it")
     self.features = tuple(features)
     self.layout = SparseLayout(tuple(f.name for f in features),
                                tuple(f.max_ids for f in features))
@@ -156,25 +186,61 @@ class DynamicEmbedding(MeshEngine):
       self.lanes[n] = _TableLanes(np.asarray(cols, np.int32), tuple(groups))
     self.feature_dims = tuple(self.table_specs[f.table].dim for f in features)
     self.dim = self.feature_dims[0] if len(set(self.feature_dims)) == 1 else None
+    self.trainable_default = tuple(n for n, t in self.table_specs.items()
+                                   if t.dynamic.default_row == "trainable")
+    self.table_groups = self._group_tables(group_tables)
+    self.groups = {g.name: g.tables for g in self.table_groups}
+
+  def _group_tables(self, group: bool) -> tuple[TableGroup, ...]:
+    """Same-shaped tables together (first-seen order), so 26 tables cost a few programs."""
+    by_key: dict[tuple, list[str]] = {}
+    for n, t in self.table_specs.items():
+      d = t.dynamic
+      key = (dataclasses.replace(self.specs[n], name="", seed=0, init_scale=0.0), t.optimizer,
+             self.policies[n], d.evict_every_steps, d.evict_above_load_factor,
+             len(self.lanes[n].cols), d.default_row, None if group else n)
+      by_key.setdefault(key, []).append(n)
+    out = []
+    for i, names in enumerate(by_key.values()):
+      s = self.specs[names[0]]
+      out.append(TableGroup(
+          f"group{i}_c{s.capacity}_d{s.dim}", tuple(names), s,
+          np.asarray([self.specs[n].seed for n in names], np.uint32),
+          np.asarray([self.specs[n].init_scale for n in names], np.float32)))
+    return tuple(out)
 
   # ---- state ---------------------------------------------------------------------------------
 
-  def state_specs(self) -> dict:
-    """Every leaf of every table's state is [devices, ...]: split on its leading axis."""
-    return {n: jax.tree.map(lambda _: P(self.axes), jax.eval_shape(lambda: ht.init(s)))
-            for n, s in self.specs.items()}
+  def _default_row(self, name: str) -> dict:
+    t = self.table_specs[name]
+    return {"values": jnp.zeros((t.dim,), jnp.dtype(t.dtype)),
+            "slots": {k: jnp.full(shape, v, jnp.float32)
+                      for k, (shape, v) in optimizers.slot_shapes(t.optimizer, t.dim).items()}}
 
+  def state_specs(self) -> dict:
+    """Every leaf of every table's state is [devices, ...]: split on its leading axis. The
+    trainable default rows (``DEFAULTS``) are replicated."""
+    out = {n: jax.tree.map(lambda _: P(self.axes), jax.eval_shape(lambda: ht.init(s)))
+           for n, s in self.specs.items()}
+    if self.trainable_default:
+      out[DEFAULTS] = {n: jax.tree.map(lambda _: P(), jax.eval_shape(
+          functools.partial(self._default_row, n))) for n in self.trainable_default}
+    return out
 
   def init(self, seed: int | jax.Array = 0) -> dict:
-    """Empty tables ({table: HashTableState with a leading device axis}). Initial rows are a
-    hash of (ID, column, table name), so ``seed`` is unused: the same on every mesh."""
+    """Empty tables ({table: HashTableState with a leading device axis}, plus ``DEFAULTS``:
+    zero default rows). Initial rows are a hash of (ID, column, table name), so ``seed`` is
+    unused: the same on every mesh."""
     del seed
     nd = self.num_devices
 
     @functools.partial(jax.jit, out_shardings=self.state_shardings())
     def make():
-      return {n: jax.tree.map(lambda x: jnp.broadcast_to(x, (nd,) + x.shape), ht.init(s))
-              for n, s in self.specs.items()}
+      out = {n: jax.tree.map(lambda x: jnp.broadcast_to(x, (nd,) + x.shape), ht.init(s))
+             for n, s in self.specs.items()}
+      if self.trainable_default:
+        out[DEFAULTS] = {n: self._default_row(n) for n in self.trainable_default}
+      return out
 
     return make()
 
@@ -189,6 +255,41 @@ class DynamicEmbedding(MeshEngine):
       raise ValueError(f"batch size {ids.shape[0]} is not divisible by the {self.num_devices} "
                        "devices of the mesh")
 
+  # ---- one program per group -----------------------------------------------------------------
+
+  def _map_tables(self, g: TableGroup, fn, *args):
+    """``fn(spec, *args)`` for every table of ``g``; each arg has a leading table axis. One
+    table: called directly; more: vmapped, the table's seed and init scale traced."""
+    if len(g.tables) == 1:
+      out = fn(self.specs[g.tables[0]], *jax.tree.map(lambda x: x[0], args))
+      return jax.tree.map(lambda x: x[None], out)
+
+    def one(salt, scale, *a):
+      return fn(dataclasses.replace(g.spec, seed=salt, init_scale=scale), *a)
+
+    return jax.vmap(one)(jnp.asarray(g.salts), jnp.asarray(g.scales), *args)
+
+  @staticmethod
+  def _stack(state: dict, g: TableGroup):
+    """The group's local states ([1, ...] each) as one [T, ...] state."""
+    if len(g.tables) == 1:
+      return state[g.tables[0]]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *[state[n] for n in g.tables])
+
+  @staticmethod
+  def _unstack(st, g: TableGroup, out: dict):
+    for i, n in enumerate(g.tables):
+      out[n] = jax.tree.map(lambda x: x[i:i + 1], st)
+
+  def _exchange(self, x):
+    """[T, nd * cap, W] buckets per destination -> the same from every source (all_to_all)."""
+    nd = self.num_devices
+    if nd == 1:
+      return x
+    t, n, w = x.shape
+    return jax.lax.all_to_all(x.reshape(t, nd, n // nd, w), self.axes, 1, 1,
+                              tiled=True).reshape(t, n, w)
+
   # ---- routing -------------------------------------------------------------------------------
 
   def _capacity(self, m: int) -> int:
@@ -197,25 +298,20 @@ class DynamicEmbedding(MeshEngine):
       return m
     return max(1, min(m, int(np.ceil(self.capacity_factor * m / self.num_devices / 8) * 8)))
 
-  def _route(self, name: str, ids, mask):
-    """Buckets each occurrence by owner (batch order kept) and sends the keys.
+  def _bucket(self, spec: ht.HashTableSpec, flat, v):
+    """Buckets one table's occurrences by owner, batch order kept (no communication yet).
 
-    Returns (slot [m] send position or nd*cap, keys [nd*cap, 2] and valid [nd*cap] received
-    on this owner, overflow count, lane mask [b, L]).
+    flat [m, 2] IDs, v [m] valid. Returns (slot [m] send position or nd*cap, send [nd*cap, 3]
+    keys and a valid word, overflow count). Owner: ``hash32(id, salt) % devices``.
     """
-    ln = self.lanes[name]
     nd = self.num_devices
-    valid = _cols(mask, ln.cols)
-    b, lanes = valid.shape
-    m = b * lanes
-    flat = _cols(ids, ln.cols).reshape(m, 2)
-    v = valid.reshape(m)
+    m = flat.shape[0]
     cap = self._capacity(m)
     if nd == 1:
       dst = jnp.zeros((m,), jnp.int32)
       pos = jnp.arange(m, dtype=jnp.int32)
     else:
-      salt = jnp.uint32(routing.table_salt(name))
+      salt = jnp.asarray(spec.seed, jnp.uint32)  # = routing.table_salt(name), see hash_spec
       dst = (routing.hash_u64_pair(flat, salt) % jnp.uint32(nd)).astype(jnp.int32)
       onehot = ((dst[:, None] == jnp.arange(nd, dtype=jnp.int32)[None, :]) & v[:, None])
       # Rank among this device's requests to the same owner, in batch order.
@@ -227,22 +323,21 @@ class DynamicEmbedding(MeshEngine):
     packed = jnp.concatenate([flat, jnp.ones((m, 1), jnp.uint32)], axis=1)
     send = jnp.zeros((nd * cap, 3), jnp.uint32).at[slot].set(packed, mode="drop",
                                                              unique_indices=True)
-    if nd > 1:
-      send = jax.lax.all_to_all(send.reshape(nd, cap, 3), self.axes, 0, 0,
-                                tiled=True).reshape(nd * cap, 3)
-    return slot, send[:, :2], send[:, 2] > 0, overflow, valid
+    return slot, send, overflow
 
-  def _send_back(self, rows_vals, slot, shape):
-    """Owner-side [nd*cap, D] -> sender-side per occurrence [*shape, D] (dropped: zeros)."""
-    nd = self.num_devices
-    d = rows_vals.shape[-1]
-    if nd > 1:
-      rows_vals = jax.lax.all_to_all(rows_vals.reshape(nd, -1, d), self.axes, 0, 0,
-                                     tiled=True).reshape(-1, d)
-    occ = jnp.take(rows_vals, slot, axis=0, mode="fill", fill_value=0)
-    return occ.reshape(*shape, d)
+  def _group_lanes(self, g: TableGroup, ids, mask):
+    """The group's IDs [T, m, 2], valid [T, m] and lane mask [T, b, L]."""
+    valid = jnp.stack([_cols(mask, self.lanes[n].cols) for n in g.tables])
+    flat = jnp.stack([_cols(ids, self.lanes[n].cols) for n in g.tables])
+    t, b, lanes = valid.shape
+    return flat.reshape(t, b * lanes, 2), valid.reshape(t, b * lanes), valid
 
-  def _pool(self, name: str, occ, valid, feats: list):
+  def _pool(self, name: str, occ, valid, feats: list, default=None):
+    """Pools one table's per-occurrence rows [b, L, D] into its features. ``default``: the
+    trainable default row, read where the owner found no row (``occ[..., D]`` is 0)."""
+    d = self.table_specs[name].dim
+    if default is not None:
+      occ = jnp.where(occ[..., d:] > 0, occ[..., :d], default.astype(occ.dtype))
     occ = occ.astype(jnp.float32) * valid[..., None]
     for fi, l0, l1 in self.lanes[name].groups:
       e = occ[:, l0:l1]
@@ -257,46 +352,94 @@ class DynamicEmbedding(MeshEngine):
 
   # ---- forward -------------------------------------------------------------------------------
 
+  def _evict(self, g: TableGroup, st, step):
+    """``maybe_evict`` of every table of the group; returns (state, evicted [T]). Tables not
+    due keep their state: one cond for the group (a vmapped cond would evict every step)."""
+    policy = self.policies[g.tables[0]]
+    if policy is None:
+      return st, jnp.zeros((len(g.tables),), jnp.int32)
+    d = self.table_specs[g.tables[0]].dynamic
+    if len(g.tables) == 1:
+      s0, es = ht.maybe_evict(g.spec, jax.tree.map(lambda x: x[0], st), step, policy,
+                              every_steps=d.evict_every_steps,
+                              above_load_factor=d.evict_above_load_factor)
+      return jax.tree.map(lambda x: x[None], s0), es.evicted[None]
+    due = jnp.zeros((len(g.tables),), bool)
+    if d.evict_every_steps is not None:
+      due |= step % d.evict_every_steps == 0
+    if d.evict_above_load_factor is not None:
+      due |= st.size > int(np.floor(d.evict_above_load_factor * g.spec.capacity))
+
+    def run(st):
+      new, es = jax.vmap(lambda s: ht.evict(g.spec, s, step, policy))(st)
+      keep = lambda a, b: jnp.where(due.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+      return jax.tree.map(keep, new, st), jnp.where(due, es.evicted, 0)
+
+    return jax.lax.cond(jnp.any(due), run,
+                        lambda st: (st, jnp.zeros((len(g.tables),), jnp.int32)), st)
+
   def _forward_local(self, state: dict, ids, mask, step, train: bool):
     feats = [None] * len(self.features)
     res, stats, new_state = {}, {}, {}
-    for name, spec in self.specs.items():
-      st = jax.tree.map(lambda x: x[0], state[name])
-      slot, keys, kvalid, overflow, valid = self._route(name, ids, mask)
+    defaults = state.get(DEFAULTS, {})
+    for g in self.table_groups:
+      st = self._stack(state, g)
+      flat, v, valid = self._group_lanes(g, ids, mask)
+      slot, send, overflow = self._map_tables(g, self._bucket, flat, v)
+      send = self._exchange(send)
+      keys, kvalid = send[..., :2], send[..., 2] > 0
+      with_flag = g.tables[0] in defaults
+
+      def owner(spec, st, keys, kvalid):
+        if train:
+          rng = None
+          if spec.admission is not None and spec.admission.uses_rng:
+            # The same on every device.
+            rng = jax.random.fold_in(jax.random.key(spec.seed), step)
+          st, rows, s = ht.find_or_insert(spec, st, keys, step, kvalid, rng=rng)
+          counts = [s.size, s.inserted, s.not_admitted, s.rejected, s.insert_failures,
+                    s.evicted, s.hits, s.lookups]
+        else:
+          rows, s = ht.find(spec, st, keys, kvalid)
+          counts = [s.size, 0, 0, 0, 0, 0, s.hits, s.lookups]
+        vals = ht.gather_values(st, rows)   # not admitted / rejected / padding: zeros
+        if with_flag:  # tells the sender which lookups read the default row
+          vals = jnp.concatenate([vals, (rows >= 0)[:, None].astype(vals.dtype)], axis=1)
+        counts = jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
+        return st, rows, vals, counts, s.probe_histogram
+
+      evicted = 0
       if train:
-        evicted = jnp.zeros((), jnp.int32)
-        if self.policies[name] is not None:
-          d = self.table_specs[name].dynamic
-          st, es = ht.maybe_evict(spec, st, step, self.policies[name],
-                                  every_steps=d.evict_every_steps,
-                                  above_load_factor=d.evict_above_load_factor)
-          evicted = es.evicted
-        rng = None
-        if spec.admission is not None and spec.admission.uses_rng:
-          rng = jax.random.fold_in(jax.random.key(spec.seed), step)  # same on every device
-        st, rows, s = ht.find_or_insert(spec, st, keys, step, kvalid, rng=rng)
-        new_state[name] = jax.tree.map(lambda x: x[None], st)
-        counts = [s.size, s.inserted, s.not_admitted, s.rejected, s.insert_failures,
-                  s.evicted + evicted, s.hits, s.lookups, overflow]
-      else:
-        rows, s = ht.find(spec, st, keys, kvalid)
-        counts = [s.size, 0, 0, 0, 0, 0, s.hits, s.lookups, overflow]
-      vals = ht.gather_values(st, rows)   # not admitted / rejected / padding: zeros
-      self._pool(name, self._send_back(vals, slot, valid.shape), valid, feats)
-      res[name] = {"slot": slot[None], "rows": rows[None], "valid": valid}
-      stats[name] = (jnp.stack([jnp.asarray(c, jnp.int32) for c in counts]),
-                     s.probe_histogram)
+        st, evicted = self._evict(g, st, step)
+      st, rows, vals, counts, hist = self._map_tables(g, owner, st, keys, kvalid)
+      back = self._exchange(vals)
+      occ = jax.vmap(lambda x, s: jnp.take(x, s, axis=0, mode="fill", fill_value=0))(back, slot)
+      b, lanes = valid.shape[1:]
+      counts = counts.at[:, 5].add(evicted)
+      for i, name in enumerate(g.tables):
+        self._pool(name, occ[i].reshape(b, lanes, -1), valid[i], feats,
+                   defaults[name]["values"] if with_flag else None)
+        stats[name] = (jnp.concatenate([counts[i], overflow[i][None]]), hist[i])
+      res[g.name] = {"slot": slot[None], "rows": rows[None], "valid": valid[None]}
+      if with_flag:
+        d = g.spec.dim
+        res[g.name]["has"] = (occ[..., d] > 0).reshape(valid.shape)[None]
+      if train:
+        self._unstack(st, g, new_state)
+    if train and defaults:
+      new_state[DEFAULTS] = defaults
     stats = jax.lax.psum(stats, self.axes)
     return new_state, feats, res, stats
 
   def _run_forward(self, state, ids, mask, step, train: bool):
     self._check_batch_shape(ids)
     sp = P(self.axes)
+    specs = self.state_specs()
     feat_specs = [sp] * len(self.features)
     fn = jax.shard_map(
         lambda st, i, mk, s: self._forward_local(st, i, mk, s, train), mesh=self.mesh,
-        in_specs=(sp, sp, sp, P()),
-        out_specs=(sp if train else P(), feat_specs, sp, P()), check_vma=False)
+        in_specs=(specs, sp, sp, P()),
+        out_specs=(specs if train else P(), feat_specs, sp, P()), check_vma=False)
     new_state, feats, res, raw = fn(state, ids, mask, jnp.asarray(step, jnp.int32))
     return new_state, feats, res, self._stats(raw)
 
@@ -318,7 +461,8 @@ class DynamicEmbedding(MeshEngine):
     return self._run_forward(state, ids, mask, step, train=True)
 
   def forward(self, state: dict, ids, mask):
-    """(features, residuals, stats): a read-only lookup (eval); unknown IDs read zeros."""
+    """(features, residuals, stats): a read-only lookup (eval); unknown IDs read the default
+    row (zeros unless trainable)."""
     _, feats, res, stats = self._run_forward(state, ids, mask, 0, train=False)
     return feats, res, stats
 
@@ -338,33 +482,61 @@ class DynamicEmbedding(MeshEngine):
       parts.append(g * v[..., None])
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
+  def _update_default(self, name: str, row: dict, g, has, valid, step) -> dict:
+    """The default row's update: the gradient summed over the lookups that read it (all
+    devices), through the table's optimizer; untouched rows keep their value (lazy, like
+    every sparse row)."""
+    miss = valid & ~has
+    g_sum = jax.lax.psum(jnp.sum(g * miss[..., None], axis=(0, 1)), self.axes)
+    touched = jax.lax.psum(jnp.sum(miss, dtype=jnp.int32), self.axes) > 0
+    opt = self.table_specs[name].optimizer
+    w, s = optimizers.apply_rows(opt, row["values"][None], {k: v[None] for k, v in
+                                                             row["slots"].items()},
+                                 g_sum[None], step)
+    keep = lambda new, old: jnp.where(touched, new[0].astype(old.dtype), old)
+    return {"values": keep(w, row["values"]),
+            "slots": {k: keep(s[k], v) for k, v in row["slots"].items()}}
+
   def _update_local(self, state: dict, res: dict, g_feats, step):
-    nd = self.num_devices
     out = {}
-    for name, spec in self.specs.items():
-      st = jax.tree.map(lambda x: x[0], state[name])
-      r = res[name]
-      g = self._lane_grads(name, g_feats, r["valid"])
-      g = g.reshape(-1, g.shape[-1])
-      rows = r["rows"][0]
-      send = jnp.zeros((rows.shape[0], g.shape[-1]), jnp.float32).at[r["slot"][0]].set(
-          g, mode="drop", unique_indices=True)
-      if nd > 1:
-        send = jax.lax.all_to_all(send.reshape(nd, -1, g.shape[-1]), self.axes, 0, 0,
-                                  tiled=True).reshape(-1, g.shape[-1])
-      ok = rows >= 0
-      values, slots = sparse_update(self.table_specs[name].optimizer, st.values, st.slots,
-                                    jnp.where(ok, rows, spec.capacity), send, ok, step)
-      st = dataclasses.replace(st, values=values, slots=slots)
-      out[name] = jax.tree.map(lambda x: x[None], st)
+    defaults = state.get(DEFAULTS, {})
+    new_defaults = {}
+    for g in self.table_groups:
+      st = self._stack(state, g)
+      r = res[g.name]
+      slot, rows, valid = r["slot"][0], r["rows"][0], r["valid"][0]
+      grads = jnp.stack([self._lane_grads(n, g_feats, valid[i])
+                         for i, n in enumerate(g.tables)])       # [T, b, L, D]
+      t, b, lanes, dim = grads.shape
+      send = jax.vmap(lambda s, gr: jnp.zeros((rows.shape[1], dim), jnp.float32).at[s].set(
+          gr, mode="drop", unique_indices=True))(slot, grads.reshape(t, b * lanes, dim))
+      send = self._exchange(send)
+      opt = self.table_specs[g.tables[0]].optimizer
+
+      def apply(spec, st, rows, send):
+        ok = rows >= 0
+        values, slots = sparse_update(opt, st.values, st.slots,
+                                      jnp.where(ok, rows, spec.capacity), send, ok, step)
+        return dataclasses.replace(st, values=values, slots=slots)
+
+      st = self._map_tables(g, apply, st, rows, send)
+      self._unstack(st, g, out)
+      if g.tables[0] in defaults:
+        for i, n in enumerate(g.tables):
+          new_defaults[n] = self._update_default(n, defaults[n], grads[i], r["has"][0][i],
+                                                 valid[i], step)
+    if defaults:
+      out[DEFAULTS] = new_defaults
     return out
 
   def update(self, state: dict, residuals, g_feats, step) -> dict:
     """The backward: route feature gradients to owners, apply each table's optimizer to the
-    rows the forward found (rows of -1 are untouched)."""
+    rows the forward found (rows of -1 are untouched; their gradient goes to a trainable
+    default row, if the table has one)."""
     sp = P(self.axes)
+    specs = self.state_specs()
     fn = jax.shard_map(self._update_local, mesh=self.mesh,
-                       in_specs=(sp, sp, [sp] * len(self.features), P()), out_specs=sp,
+                       in_specs=(specs, sp, [sp] * len(self.features), P()), out_specs=specs,
                        check_vma=False)
     return fn(state, residuals, list(g_feats), jnp.asarray(step, jnp.int32))
 
@@ -372,7 +544,8 @@ class DynamicEmbedding(MeshEngine):
 
   def export(self, state: dict) -> dict:
     """{table: {"keys": uint64 [n], "values", "slots", "frequency", "last_seen"}} of every live
-    entry over all shards, sorted by key (mesh-independent, for tests and export)."""
+    entry over all shards, sorted by key (mesh-independent, for tests and export); tables
+    with a trainable default row also hold "default": {"values", "slots"}."""
     out = {}
     for name, spec in self.specs.items():
       host = jax.device_get(state[name])
@@ -385,4 +558,6 @@ class DynamicEmbedding(MeshEngine):
                    "slots": {k: np.concatenate([p["slots"][k] for p in parts])[order]
                              for k in parts[0]["slots"]},
                    "frequency": cat("frequency"), "last_seen": cat("last_seen")}
+      if name in state.get(DEFAULTS, {}):
+        out[name]["default"] = jax.device_get(state[DEFAULTS][name])
     return out

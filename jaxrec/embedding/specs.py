@@ -54,6 +54,10 @@ class DynamicSpec:
     load factor passes ``evict_above_load_factor``.
   on_full: a new ID meeting a full probe window "evict"s the least recently used entry or
     is "reject"ed; either way it is counted, never dropped silently.
+  default_row: what a lookup of an ID without a row reads (not admitted, rejected, or dropped
+    by a full all_to_all bucket): "zeros", or "trainable": one row per table, starting at
+    zero, that those lookups read and whose gradient (the sum over them) the table's
+    optimizer applies, slots included. Their IDs still get no row and no update.
   """
 
   capacity: int
@@ -68,8 +72,12 @@ class DynamicSpec:
   evict_above_load_factor: float | None = None
   on_full: Literal["evict", "reject"] = "evict"
   max_probes: int = 64
+  default_row: Literal["zeros", "trainable"] = "zeros"
 
   def __post_init__(self):
+    if self.default_row not in ("zeros", "trainable"):
+      raise ValueError(f"DynamicSpec.default_row must be 'zeros' or 'trainable', "
+                       f"got {self.default_row!r}")
     if self.capacity < 8:
       raise ValueError(f"DynamicSpec.capacity must be >= 8, got {self.capacity}")
     if self.min_count < 1:
