@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # Configs may build on each other (`from experiments.configs import dlrm_synthetic`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +33,8 @@ _LOCAL_DEVICES = flags.DEFINE_integer(
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # progress lines only; --verbosity=0 shows INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _LOCAL_DEVICES.value)
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
