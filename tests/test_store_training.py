@@ -176,6 +176,8 @@ def test_store_source_errors_name_the_setting(stores, tmp_path):
     train_and_evaluate(store_config(stores, eval_store_path=""), None)
   with pytest.raises(FileNotFoundError, match="no feature store"):
     train_and_evaluate(store_config(stores, store_path=str(tmp_path / "none")), None)
+  with pytest.raises(ValueError, match="less than one eval batch"):
+    train_and_evaluate(store_config(stores, eval_batch_size=2 * N_EVAL), None)
   with pytest.raises(ValueError, match="train_files"):
     train_and_evaluate(store_config(stores, source="criteo"), None)
 

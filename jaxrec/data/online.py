@@ -16,6 +16,11 @@ per call, so one batch never mixes two versions.
 One writer process at a time is the supported model (any number of readers). Lookups cost a
 B+tree descent per distinct key; nodes are cached (``cache_bytes``), and the tree is built with
 small leaves (``leaf_bytes``) so a cold lookup decodes little.
+
+Serving: that per-key cost (a TensorStore read future and a descent, tens of ms for 1,000 keys
+on a small CPU) is too slow for millisecond lookups, so :meth:`OnlineSnapshot.export` writes a
+version as a :class:`ServingReplica` (sorted keys + memory-mapped records, published atomically
+beside older versions) whose batch get is a few vectorised numpy operations.
 """
 
 from __future__ import annotations

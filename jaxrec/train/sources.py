@@ -168,6 +168,7 @@ class StoreData(TrainData):
     epoch = self.snapshot.num_rows // self._process_count // self._local_batch * self._batch
     self.train_examples = int(d.train_examples) or epoch
     self._eval_n = int(d.eval_examples)
+    self._eval_rows(int(d.eval_batch_size))  # fail now, not after training
     self._saved: dict | None = None
 
   def _pipeline(self):
