@@ -69,19 +69,39 @@ def test_text_forms_iota_groups_async_and_no_mesh():
       "%cp = (bf16[6]{0}, bf16[6]{0}, u32[], u32[]) collective-permute-start(%r), "
       "source_target_pairs={{0,1},{1,0}}",
       "%one = f32[7]{0} all-reduce(%s), replica_groups={{0},{1}}, to_apply=%add",
+      # The named-mesh form XLA prints for GSPMD-inserted collectives.
+      "%m = (f32[64]{0}, f32[16,4]{1,0}) all-reduce(%a, %b), channel_id=2, "
+      "replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, use_global_device_ids=true",
+      "%h = f32[10]{0} all-reduce(%c), replica_groups=mesh['x'=2,'y'=4] {'x'}, to_apply=%add",
   ])
   out = collective_bytes(text)
   assert [o["kind"] for o in out["ops"]] == ["all-reduce", "all-gather", "collective-permute",
-                                            "all-reduce"]
-  assert [o["group_size"] for o in out["ops"]] == [4, 2, 2, 1]
-  assert out["by_kind"]["all-reduce"] == pytest.approx(2 * 3 / 4 * 400)  # the 1-device one: 0
+                                            "all-reduce", "all-reduce", "all-reduce"]
+  assert [o["group_size"] for o in out["ops"]] == [4, 2, 2, 1, 8, 2]
+  assert out["by_kind"]["all-reduce"] == pytest.approx(  # the 1-device one moves nothing
+      2 * 3 / 4 * 400 + 2 * 7 / 8 * (64 + 64) * 4 + 2 * 1 / 2 * 40)
   assert out["by_kind"]["all-gather"] == pytest.approx(1 / 2 * 40)
   assert out["by_kind"]["collective-permute"] == pytest.approx(12)
-  assert out["buffer_total"] == pytest.approx(400 + 40 + 12 + 28)
+  assert out["buffer_total"] == pytest.approx(400 + 40 + 12 + 28 + 512 + 40)
   mesh = make_mesh((2, 4))
   named = collective_bytes(text, mesh)
-  # [2,4]<=[8]: {0,1,2,3},{4,5,6,7} = "local"; [4,2]<=[2,4]T(1,0): {0,4},{1,5},... = "host".
+  # [2,4]<=[8]: {0,1,2,3},{4,5,6,7} = "local"; [4,2]<=[2,4]T(1,0): {0,4},{1,5},... = "host";
+  # mesh['x'=2,'y'=4] {'x'}: {0,4},{1,5},... = "host".
   assert [o["axis"] for o in named["ops"][:2]] == ["local", "host"]
+  assert [o["axis"] for o in named["ops"][4:]] == ["host,local", "host"]
+
+
+def test_counts_the_all_reduce_xla_inserts_for_an_auto_sharded_gradient():
+  """A plain jit over a batch-split input: GSPMD's own gradient all-reduce is counted."""
+  mesh = make_mesh((2, 4))
+  from jax.sharding import NamedSharding
+  w = jax.device_put(jnp.ones((32, 16)), NamedSharding(mesh, P()))
+  x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P(("host", "local"))))
+  g = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w))),
+              out_shardings=NamedSharding(mesh, P()))
+  out = collective_bytes(g.lower(w, x).compile(), mesh)
+  assert out["by_kind"] == {"all-reduce": pytest.approx(2 * 7 / 8 * 32 * 16 * 4)}
+  assert out["by_axis"] == {"host,local": pytest.approx(2 * 7 / 8 * 32 * 16 * 4)}
 
 
 def test_rejects_other_inputs():

@@ -121,10 +121,17 @@ def test_int8_exchange_cuts_all_to_all_bytes():
     emb = _setup((2, 4), **kw)
     ids, mask = _batch(emb)
     state = emb.init(7)
-    c = _step(emb).lower(state, ids, mask, _grads(emb, 64)).compile()
-    return collective_bytes(c, emb.mesh)["by_kind"]
-  b32 = a2a_bytes()
-  b8 = a2a_bytes(precision="int8", forward_precision="int8")
+    args = (state, ids, mask, _grads(emb, 64))
+    c = _step(emb).lower(*args).compile()
+    return collective_bytes(c, emb.mesh)["by_kind"], c(*args)
+  b32, _ = a2a_bytes()
+  b8, out8 = a2a_bytes(precision="int8", forward_precision="int8")
+  b8c, out8c = a2a_bytes(precision="int8", forward_precision="int8", compact_ids=True)
+  # uint16 IDs (every slab here has < 65536 rows): 2 B less per row, the same result.
+  assert b8c["all-to-all"] == pytest.approx(b32["all-to-all"] * 38 / 132, rel=1e-6)
+  assert b8c["all-gather"] == pytest.approx(b32["all-gather"] * (2 + 18) / (4 + 64), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(out8), jax.tree.leaves(out8c)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Per exchanged row: int32 ID + 2 x 16 fp32 values (128+4 B) vs + 2 x (16 + 2) int8 (36+4 B).
   assert b8["all-to-all"] == pytest.approx(b32["all-to-all"] * 40 / 132, rel=1e-6)
   # The replicated table's gradient all_gather: int32 rows + 16 values, fp32 vs int8.

@@ -93,6 +93,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.comm.block_size = 256                 # values per int8 scale
   c.comm.embedding_precision = "fp32"     # gradient rows: fp32 / bf16 / fp16 / int8 (per row)
   c.comm.embedding_forward_precision = "fp32"  # looked-up rows on the forward all_to_all
+  c.comm.compact_ids = False              # row IDs as uint16 where a stack's rows fit
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"

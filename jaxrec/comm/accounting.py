@@ -36,6 +36,10 @@ _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.+?)\s+(?P<op>" +
 _ARRAY = re.compile(r"([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+# Named-mesh form: replica_groups=mesh['a'=8,'b'=1] {'a'}: devices iota over the named axes
+# (optionally permuted as in the iota form), one group per setting of the axes not listed.
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?)?"
+                          r"\s*\{([^}]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 
 
@@ -51,6 +55,21 @@ def _array_bytes(shape: str) -> list[float]:
 
 
 def _replica_groups(line: str) -> list[tuple[int, ...]] | None:
+  m = _GROUPS_MESH.search(line)
+  if m:
+    axes = [(n, int(v)) for n, v in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))]
+    names = [n for n, _ in axes]
+    sizes = [v for _, v in axes]
+    ids = np.arange(int(np.prod(sizes)))
+    if m.group(2):
+      ids = ids.reshape([int(x) for x in m.group(2).split(",")])
+      if m.group(3):
+        ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+    ids = ids.reshape(sizes)
+    listed = [names.index(n) for n in re.findall(r"'([^']+)'", m.group(4))]
+    rest = [i for i in range(len(names)) if i not in listed]
+    k = int(np.prod([sizes[i] for i in listed]))
+    return [tuple(int(v) for v in g) for g in ids.transpose(rest + listed).reshape(-1, k)]
   m = _GROUPS_IOTA.search(line)
   if m:
     shape = [int(x) for x in m.group(1).split(",")]
@@ -111,7 +130,7 @@ def collective_bytes(compiled_or_hlo_text, mesh=None) -> dict:
   ``as_text()``, e.g. ``jax.jit(f).lower(...).compile()``, or HLO text).
 
   Returns ``{"total": wire bytes, "buffer_total": buffer bytes, "by_kind": {kind: wire},
-  "by_axis": {axis: wire}, "ops": [{kind, axis, group_size, buffer_bytes, wire_bytes}]}``.
+  "by_axis": {axis: wire}, "ops": [{kind, axis, group_size, buffer_bytes, wire_bytes, shape}]}``.
   With ``mesh``, a replica group is named by the mesh axes it spans (e.g. "local" or
   "host,local"); without, by its size.
   """
@@ -152,7 +171,7 @@ def collective_bytes(compiled_or_hlo_text, mesh=None) -> dict:
       else:
         wire = (n - 1) / n * buffer
     ops.append({"kind": kind, "axis": _axis_name(groups, pairs, axis_groups), "group_size": n,
-                "buffer_bytes": buffer, "wire_bytes": wire})
+                "buffer_bytes": buffer, "wire_bytes": wire, "shape": shape.strip()})
   by_kind: dict[str, float] = defaultdict(float)
   by_axis: dict[str, float] = defaultdict(float)
   for o in ops:

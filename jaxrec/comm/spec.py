@@ -17,6 +17,7 @@ class CommSpec:
   embedding_precision: rows of the embedding-gradient exchange ("fp32" | "bf16" | "fp16" |
     "int8", int8 scaled per row).
   embedding_forward_precision: the same for the forward exchange of looked-up rows.
+  compact_ids: row IDs on the embedding exchanges as uint16 where the rows fit.
   """
 
   dense_allreduce: str = "psum"
@@ -25,6 +26,7 @@ class CommSpec:
   block_size: int = 256
   embedding_precision: str = "fp32"
   embedding_forward_precision: str = "fp32"
+  compact_ids: bool = False
 
   def __post_init__(self):
     if self.dense_allreduce not in allreduce.METHODS:

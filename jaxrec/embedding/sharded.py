@@ -28,6 +28,7 @@ Wire precision (``jaxrec.comm.codec``): the gradient all_to_all (and the replica
 gradient all_gather) can move bf16 / fp16 or per-row-scaled int8 rows instead of fp32, and so
 can the forward all_to_all of looked-up rows; row IDs always travel as int32. ``dedup=False``
 sends every valid (ID, gradient) lookup instead of one per distinct row (for ablations).
+``compact_ids`` sends row IDs as uint16 where a stack's (or slab's) rows fit.
 """
 
 from __future__ import annotations
@@ -101,18 +102,22 @@ class ShardedEmbedding(MeshEngine):
     precision: "fp32" | "bf16" | "fp16" | "int8": rows of the gradient exchange on the wire.
     forward_precision: the same for the rows the forward all_to_all returns.
     dedup: False sends every lookup, not one request per distinct row (ablation).
+    compact_ids: row IDs travel as uint16 where every row index (and the padding sentinel)
+      fits, else int32.
   """
 
   def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec], mesh,
                plan: ShardingPlan | None = None, *, batch_size: int = 1,
                capacity_factor: float | None = None, precision: str = "fp32",
-               forward_precision: str = "fp32", dedup: bool = True, **planner):
+               forward_precision: str = "fp32", dedup: bool = True, compact_ids: bool = False,
+               **planner):
     tables, features = list(tables), list(features)
     validate(tables, features)
     self.precision = codec.check_precision(precision, "embedding precision")
     self.forward_precision = codec.check_precision(forward_precision,
                                                    "embedding forward precision")
     self.dedup = bool(dedup)
+    self.compact_ids = bool(compact_ids)
     self.mesh = mesh
     self.axes = tuple(mesh.axis_names)
     self.num_devices = int(mesh.size)
@@ -449,7 +454,8 @@ class ShardedEmbedding(MeshEngine):
     slot = jnp.where(ok, dst_u * cap + pos, nd * cap)
     send = jnp.full((nd * cap,), rows_l, jnp.int32).at[slot].set(
         uniq - dst_u * rows_l, mode="drop", unique_indices=True)
-    recv = jax.lax.all_to_all(send.reshape(nd, cap), self.axes, 0, 0, tiled=True).reshape(-1)
+    recv = self._exchange_ids(send.reshape(nd, cap), rows_l, lambda x: jax.lax.all_to_all(
+        x, self.axes, 0, 0, tiled=True)).reshape(-1)
     vals = take_rows(slab, recv)
     back = self._exchange(vals.reshape(nd, cap, s.dim), self.forward_precision,
                           lambda w: jax.lax.all_to_all(w, self.axes, 0, 0, tiled=True))
@@ -470,6 +476,12 @@ class ShardedEmbedding(MeshEngine):
     inverse = jnp.zeros_like(order).at[order].set(
         jnp.arange(keys.shape[0], dtype=jnp.int32), unique_indices=True)
     return jnp.take(keys, order), inverse
+
+  def _exchange_ids(self, ids, sentinel: int, collective):
+    """``collective`` applied to int32 row IDs in [0, sentinel], narrowed when allowed."""
+    if self.compact_ids and sentinel < (1 << 16):
+      return collective(ids.astype(jnp.uint16)).astype(jnp.int32)
+    return collective(ids)
 
   @staticmethod
   def _exchange(rows, precision: str, collective):
@@ -564,7 +576,8 @@ class ShardedEmbedding(MeshEngine):
         if self.num_devices > 1:
           # Every replica applies the same update from the same gathered (row, gradient)
           # pairs, deduplicated again across devices.
-          rows = jax.lax.all_gather(rows, self.axes, tiled=True)
+          rows = self._exchange_ids(rows, s.rows,
+                                    lambda x: jax.lax.all_gather(x, self.axes, tiled=True))
           g = self._exchange(g, self.precision,
                              lambda w: jax.lax.all_gather(w, self.axes, tiled=True))
         tables[s.name], slots[s.name] = sparse_update(

@@ -86,7 +86,8 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
     planner["replicate_below"] = int(emb_cfg.replicate_below_kib * 1024)
   if comm is not None:
     planner.update(precision=comm.embedding_precision,
-                   forward_precision=comm.embedding_forward_precision)
+                   forward_precision=comm.embedding_forward_precision,
+                   compact_ids=comm.compact_ids)
   return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
                           capacity_factor=emb_cfg.get("capacity_factor", None),
                           dedup=emb_cfg.get("dedup", True), **planner)
