@@ -86,6 +86,27 @@ def test_logit_histograms_skip_non_finite_logits():
   assert math.isnan(binned_auc(np.zeros((2, 4))))
 
 
+def test_nonfinite_count_is_exact_and_skipped_only_when_all_is_finite():
+  from jaxrec.monitoring.step_metrics import step_monitor_metrics
+  spec = StepMonitors(auc_bins=8)
+  params = {"top": {"w": jnp.ones((3, 4))}, "bottom": {"b": jnp.ones(5)}}
+  feats = [jnp.ones((4, 2)), jnp.ones((4, 2))]
+  logits, labels = jnp.zeros(4), jnp.array([0.0, 1.0, 0.0, 1.0])
+  m = step_monitor_metrics(spec, jnp.float32(0.7), logits, labels, params, feats)
+  assert int(m["nonfinite"]) == 0
+  bad_params = {"top": {"w": jnp.ones((3, 4)).at[0, 1].set(jnp.nan).at[2, 2].set(-jnp.inf)},
+                "bottom": {"b": jnp.ones(5)}}
+  bad_feats = [jnp.ones((4, 2)), jnp.ones((4, 2)).at[3, 0].set(jnp.nan)]
+  m = step_monitor_metrics(spec, jnp.float32(jnp.inf), logits.at[1].set(jnp.nan), labels,
+                           bad_params, bad_feats)
+  assert int(m["nonfinite"]) == 5                           # loss, 1 logit, 2 + 1 gradients
+  assert math.isnan(float(m["grad_norm/top"])) and float(m["grad_norm/bottom"]) == \
+      pytest.approx(math.sqrt(5))
+  huge = {"top": {"w": jnp.full((3, 4), 1e30)}, "bottom": {"b": jnp.ones(5)}}
+  m = step_monitor_metrics(spec, jnp.float32(0.7), logits, labels, huge, feats)
+  assert math.isinf(float(m["grad_norm/top"])) and int(m["nonfinite"]) == 0   # overflow only
+
+
 # ---- hot-row share -------------------------------------------------------------------------------
 
 def test_hot_row_share_matches_a_plain_count():

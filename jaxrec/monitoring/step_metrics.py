@@ -11,7 +11,8 @@ The step returns them among its metrics; the host ``Monitor`` fetches them in ba
                       and the embedding-output gradients
   auc_hist            int32 [2, bins]: negatives (row 0) and positives (row 1) per bin of the
                       logit, bins uniform over [-logit_range, logit_range] (outside: end bins);
-                      non-finite logits are left out (``nonfinite`` counts them)
+                      non-finite logits are left out (``nonfinite`` counts them); with
+                      several labels per example, the first one's
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ def logit_histograms(logits, labels, bins: int, logit_range: float) -> jax.Array
 
 def step_monitor_metrics(spec: StepMonitors, loss, logits, labels, g_params, g_feats) -> dict:
   """The monitors' per-step values (see the module docstring)."""
-  return {
-      **grad_norms_by_group(g_params),
-      "grad_norm/embedding": optax.tree.norm(g_feats),
-      "nonfinite": count_nonfinite((loss, logits, g_params, g_feats)),
-      "auc_hist": logit_histograms(logits, labels, spec.auc_bins, spec.logit_range),
-  }
+  norms = {**grad_norms_by_group(g_params), "grad_norm/embedding": optax.tree.norm(g_feats)}
+  # A NaN/Inf anywhere makes its sum or norm non-finite, so a healthy step (all finite) skips
+  # the elementwise count; an overflowing norm of finite values counts 0, as it should.
+  healthy = jnp.all(jnp.isfinite(jnp.stack([loss, jnp.sum(logits), *norms.values()])))
+  tree = (loss, logits, g_params, g_feats)
+  nonfinite = jax.lax.cond(healthy, lambda t: jnp.zeros((), jnp.int32), count_nonfinite, tree)
+  if logits.ndim and labels.ndim > logits.ndim:   # several tasks: the first label's AUC
+    labels = labels.reshape(logits.shape[0], -1)[:, 0]
+  return {**norms, "nonfinite": nonfinite,
+          "auc_hist": logit_histograms(logits, labels, spec.auc_bins, spec.logit_range)}
