@@ -105,3 +105,22 @@ def test_multi_process_mesh_defaults_and_must_cover_every_device(monkeypatch):
   assert make_mesh((8,)).size == 8
   with pytest.raises(ValueError, match=r"covers 4 of the 8 devices of this 2-process run"):
     make_mesh((4,))
+
+
+def test_timeouts_from_env():
+  t = distributed.Timeouts.from_env({"JAXREC_HEARTBEAT_TIMEOUT": "7"})
+  assert (t.initialization, t.heartbeat, t.shutdown) == (120, 7, 30)
+
+
+def test_local_device_count_sets_the_cpu_device_count():
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAXREC_", "JAX_NUM_CPU"))}
+  code = ("from jaxrec import distributed; s = distributed.initialize(local_device_count=3); "
+          "import jax; print(s.source, jax.device_count(), dict(distributed.make_mesh().shape))")
+  r = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"},
+                     capture_output=True, text=True, timeout=120,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split("\n")[0] == "single 3 {'data': 3}", r.stdout

@@ -166,8 +166,10 @@ def test_killed_process_ends_the_other(tmp_path):
   assert status not in ("0",), out[-4000:]
   assert elapsed < 60, out[-4000:]
   survivor = "\n".join(l[4:] for l in out.splitlines() if l.startswith("[0] "))
-  assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", survivor) or \
-      "another process has most likely died" in survivor, survivor[-4000:]
+  # JAX's coordination service names the dead process (after a failed collective we wait
+  # for that verdict rather than exit without a name).
+  assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", survivor), \
+      survivor[-4000:]
   assert rc != 0
   assert "[local] run failed: process 1 was killed by signal SIGKILL" in out
 
@@ -178,8 +180,7 @@ def test_killed_coordinator_ends_the_other(tmp_path):
   out, elapsed, status, rc = _kill_mid_training(tmp_path, victim=0)
   assert status != "0" and elapsed < 60, out[-4000:]
   survivor = "\n".join(l[4:] for l in out.splitlines() if l.startswith("[1] "))
-  assert ("leader task was preempted/died" in survivor
-          or "another process has most likely died" in survivor), survivor[-4000:]
+  assert "leader task was preempted/died" in survivor, survivor[-4000:]
   assert rc != 0
 
 

@@ -4,10 +4,11 @@ What ends a run, and how fast (``Timeouts``):
 - the coordinator (process 0) cannot be reached: the other processes stop after
   ``initialization`` seconds with ``CoordinatorUnreachable`` naming the address;
 - a process never registers: process 0 says so, then JAX aborts at ``initialization`` s;
-- a process dies mid-run: its peers fail in their next collective (connection reset), or
-  JAX's coordination service declares it dead after ``heartbeat`` seconds and aborts every
-  process (SIGABRT) with "The following tasks are unhealthy (stopped sending heartbeats): <i>"
-  or, when process 0 is the one gone, "the leader task was preempted/died";
+- a process dies mid-run: JAX's coordination service declares it dead after ``heartbeat``
+  seconds and aborts every process (SIGABRT) with "The following tasks are unhealthy
+  (stopped sending heartbeats): <i>", or, when process 0 is the one gone, "the leader task was
+  preempted/died". A survivor whose collective fails first (connection reset) says so and
+  waits for that verdict (at most ``heartbeat`` + 10 s), so its log names the lost process;
 - a process raises: our exception hook says why and ends it at once (``os._exit(1)``) rather
   than waiting in the exit barrier, so its peers fail fast instead of waiting on it.
 """
@@ -170,9 +171,7 @@ def report_failure(e: BaseException, timeouts: Timeouts | None = None) -> str:
   timeouts = timeouts or Timeouts.from_env()
   if _looks_like_peer_loss(e):
     return (f"a collective with the other processes failed ({str(e).splitlines()[0][:300]}): "
-            "another process has most likely died or been killed; see its log (the "
-            f"coordination service names it after at most {timeouts.heartbeat} s without "
-            "heartbeats)")
+            "another process has most likely died or been killed")
   return f"this process failed: {type(e).__name__}: {e}"
 
 
@@ -188,7 +187,16 @@ def install_fail_fast(timeouts: Timeouts):
   def hook(etype, value, tb):
     try:
       traceback.print_exception(etype, value, tb)
-      _say(f"exiting with status 1. {report_failure(value, timeouts)}")
+      if _looks_like_peer_loss(value):
+        # The collective error cannot say which peer is gone; the coordination service can,
+        # once the peer's heartbeats stop, and then it aborts this process with its name.
+        wait = timeouts.heartbeat + 10
+        _say(f"{report_failure(value, timeouts)}. Waiting up to {wait} s for the coordination "
+             "service to name it.")
+        time.sleep(wait)
+        _say("the coordination service named no lost process; exiting with status 1")
+      else:
+        _say(f"exiting with status 1. {report_failure(value, timeouts)}")
     finally:
       sys.stdout.flush()
       sys.stderr.flush()
