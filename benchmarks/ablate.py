@@ -160,10 +160,12 @@ def run_config(spec: dict):
 
 
 def validate(runs: list[dict]):
-  """Builds every run's config before anything trains, so a bad key fails in seconds."""
+  """Builds every run's config before anything trains, so a bad key fails in seconds, and
+  stamps each train spec with a hash of it (resume reruns a run whose base config changed)."""
   for spec in runs:
     if spec["kind"] == "train":
-      run_config(spec)
+      resolved = run_config(spec).to_json(sort_keys=True)
+      spec["config_sha1"] = hashlib.sha1(resolved.encode()).hexdigest()
     elif spec["torchrec_python"] and not os.path.exists(spec["torchrec_python"]):
       raise AblationError(
           f"ablation {spec['ablation']!r}: torchrec_python={spec['torchrec_python']!r} does not "
