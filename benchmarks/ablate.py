@@ -18,7 +18,7 @@ variants (name -> dotted-key overrides) and the seeds. Every variant x seed is o
   runs/<variant>/seed<k>/  each run's spec.json, metrics.jsonl, summary.json, log.txt
 
 Finished runs (summary.json beside an identical spec.json) are skipped, so an interrupted grid
-resumes where it stopped; --rerun repeats them.
+resumes where it stopped; --rerun repeats them; --norun tabulates a partial grid, running nothing.
 
 Isolation: by default each run is its own Python process (``--isolation=subprocess``). The
 device count must be set before jax starts (a mesh of 8 fake CPU devices for the sharding
@@ -160,10 +160,12 @@ def run_config(spec: dict):
 
 
 def validate(runs: list[dict]):
-  """Builds every run's config before anything trains, so a bad key fails in seconds."""
+  """Builds every run's config before anything trains, so a bad key fails in seconds, and
+  stamps each train spec with a hash of it (resume reruns a run whose base config changed)."""
   for spec in runs:
     if spec["kind"] == "train":
-      run_config(spec)
+      resolved = run_config(spec).to_json(sort_keys=True)
+      spec["config_sha1"] = hashlib.sha1(resolved.encode()).hexdigest()
     elif spec["torchrec_python"] and not os.path.exists(spec["torchrec_python"]):
       raise AblationError(
           f"ablation {spec['ablation']!r}: torchrec_python={spec['torchrec_python']!r} does not "
@@ -457,8 +459,9 @@ def _load() -> str:
 
 
 def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: bool = False,
-                 command: str = "", say=print) -> dict:
-  """Runs (or resumes) the grid of ``abl`` into ``output_dir``; returns the JSON summary."""
+                 command: str = "", say=print, run_missing: bool = True) -> dict:
+  """Runs (or resumes) the grid of ``abl`` into ``output_dir``; returns the JSON summary.
+  ``run_missing=False`` only tabulates the runs that finished (a partial grid)."""
   runs = plan_runs(abl)
   validate(runs)
   kind = abl.get("kind", "train")
@@ -467,7 +470,7 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
   os.makedirs(output_dir, exist_ok=True)
   cache_dir = os.path.join(output_dir, "jax_cache")
   load_before, started = _load(), datetime.datetime.now(datetime.timezone.utc)
-  results, failed, skipped = {}, [], 0
+  results, failed, skipped, missing = {}, [], 0, []
   for i, spec in enumerate(runs):
     rdir = run_dir(output_dir, spec)
     tag = f"[{i + 1}/{len(runs)}] {abl.name}/{spec['variant']} seed {spec['seed']}"
@@ -475,10 +478,17 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
     if done is not None:
       skipped += 1
       say(f"{tag}: finished earlier, skipped")
+    elif not run_missing:
+      missing.append(f"{spec['variant']}/seed{spec['seed']}")
+      say(f"{tag}: not run (--norun)")
+      continue
     else:
-      t = time.perf_counter()
+      t, load0 = time.perf_counter(), os.getloadavg()[0]
       try:
         done = execute(spec, rdir, isolation, cache_dir)
+        # The machine's load during the run, kept with it (a resumed grid spans hours).
+        done["load_avg_1min"] = [load0, os.getloadavg()[0]]
+        _write_json(os.path.join(rdir, "summary.json"), done)
       except AblationError:
         raise
       except Exception as e:  # one broken run must not cost the others
@@ -502,6 +512,10 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
             f"Machine: {machine()}; {started:%Y-%m-%d %H:%M} UTC; load average (1/5/15 min) "
             f"{load_before} before, {_load()} after; isolation {isolation}.",
             "Cells: mean ± sample std over seeds; n/a: the run summary has no such figure."]
+  loads = [x for r in results.values() for x in r.get("load_avg_1min", ())]
+  if loads:
+    header.insert(-1, f"1-min load average at the start/end of the runs: {min(loads):.1f} to "
+                      f"{max(loads):.1f} (2 cores: above 2, figures of samples/s are contended).")
   first = next(iter(results.values()), None)
   if kind == "train" and first is not None:
     header.insert(4, f"{first['steps']:,} steps x batch "
@@ -513,7 +527,7 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
   figures = write_figures(abl, variants, results, cells, metrics, output_dir) if results else []
   say("\n" + "\n".join(h for h in header if h) + "\n\n" + table)
   return {"ablation": abl.name, "output_dir": output_dir, "runs": len(runs),
-          "skipped": skipped, "failed": failed,
+          "skipped": skipped, "failed": failed, "not_run": missing,
           "table": os.path.join(output_dir, "table.md"),
           "csv": os.path.join(output_dir, "table.csv"), "figures": figures,
           "cells": {v: {k: {"mean": m, "std": s, "n": n} for k, (m, s, n) in c.items()}
@@ -536,6 +550,7 @@ def main():
   iso_flag = flags.DEFINE_enum("isolation", "subprocess", ["subprocess", "inprocess"],
                                "one process per run, or every run in this process")
   rerun_flag = flags.DEFINE_bool("rerun", False, "repeat runs that finished earlier")
+  run_flag = flags.DEFINE_bool("run", True, "--norun: tabulate the finished runs, start none")
 
   def _main(argv):
     del argv
@@ -544,7 +559,8 @@ def main():
     command = "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] +
                                    sys.argv[1:])
     try:
-      summary = run_ablation(abl, out, iso_flag.value, rerun_flag.value, command)
+      summary = run_ablation(abl, out, iso_flag.value, rerun_flag.value, command,
+                             run_missing=run_flag.value)
     except AblationError as e:
       print(f"ablate.py: {e}", file=sys.stderr)
       sys.exit(2)

@@ -168,3 +168,35 @@ def test_shipped_ablation_configs_resolve(name, variant):
     ablate.validate(runs)
     devices = {ablate.run_config(s).mesh.shape for s in runs}
     assert all(int(np.prod(d)) == abl.devices for d in devices), devices
+
+
+@pytest.mark.slow
+def test_command_line_with_one_process_per_run(tmp_path):
+  """The documented command: subprocess isolation, 1 device per run, one JSON line at the end."""
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "ablate.py"),
+       "--config=" + os.path.join(ROOT, ABLATIONS, "embedding_dim.py") + ":tiny",
+       "--config.seeds=(0,)", f"--output_dir={tmp_path}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["failed"] == [] and summary["runs"] == 2
+  runs = _summaries(str(tmp_path))
+  for s in runs.values():
+    assert s["host_peak_rss_bytes"] > 50 * 2**20      # measured in the run's own process
+  assert "| dim16 |" in out.stdout and "Command: `python benchmarks/ablate.py" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/work/torchrec-venv/bin/python"),
+                    reason="TorchRec venv not installed (never a jaxrec dependency)")
+def test_torchrec_table_tiny(tmp_path):
+  abl = ablate.load_config_file(os.path.join(ABLATIONS, "torchrec_cpu.py") + ":tiny")
+  abl.variants = abl.variants[:1]
+  summary = ablate.run_ablation(abl, str(tmp_path), say=lambda _: None)
+  cell = summary["cells"]["sgd_fp32"]
+  assert summary["failed"] == []
+  assert cell["speedup_vs_torchrec"]["mean"] == pytest.approx(
+      cell["samples_per_s"]["mean"] / cell["torchrec_samples_per_s"]["mean"])
