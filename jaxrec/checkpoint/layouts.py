@@ -337,6 +337,10 @@ class DynamicEmbeddingLayout:
     self.tables = {n: HashShardsLayout(spec, emb.num_devices) for n, spec in emb.specs.items()}
     self._desc = {"kind": self.KIND,
                   "tables": {n: l.describe() for n, l in self.tables.items()}}
+    # Trainable default rows (``DEFAULTS/<table>/...``): replicated, the same on any mesh.
+    self.defaults = tuple(getattr(emb, "trainable_default", ()))
+    if self.defaults:
+      self._desc["default_rows"] = list(self.defaults)
 
   def describe(self) -> dict:
     return self._desc
@@ -367,6 +371,60 @@ class DynamicEmbeddingLayout:
       report += rep
     report += _check_tables("dynamic tables", "hash table", missing,
                             sorted(set(saved["tables"]) - set(self.tables)), partial)
+    from jaxrec.embedding.dynamic import DEFAULTS
+    saved_defaults = set(saved.get("default_rows", ()))
+    for n in self.defaults:
+      prefix = f"{DEFAULTS}/{n}/"
+      if n not in saved_defaults:
+        if not partial:
+          raise LayoutMismatchError(f"hash table {n}: the snapshot has no trainable default "
+                                    "row; restore with warm_start=True to start it at zero")
+        report.append(f"hash table {n}: default row not in the snapshot; starts at zero")
+        continue
+      for p, a in arrays.items():
+        if p.startswith(prefix) and p in template and np.shape(a) == np.shape(template[p]):
+          out[p] = a
+      report.append(f"hash table {n}: default row restored")
+    return out, report
+
+
+class MixedEmbeddingLayout:
+  """The state of a ``jaxrec.embedding.mixed.MixedEmbedding``: ``{"static": ...}`` under the
+  static engine's layout and ``{"dynamic": ...}`` under the dynamic one's; each part converts
+  on its own (a part whose description is unchanged is taken as saved)."""
+
+  KIND = "jaxrec.mixed/v1"
+
+  def __init__(self, emb):
+    self.parts = {"static": StackedEmbeddingLayout(emb.static),
+                  "dynamic": DynamicEmbeddingLayout(emb.dynamic)}
+    self._desc = {"kind": self.KIND, **{k: l.describe() for k, l in self.parts.items()}}
+
+  def describe(self) -> dict:
+    return self._desc
+
+  def row_groups(self, shapes):
+    out = []
+    for k, layout in self.parts.items():
+      sub = {p[len(k) + 1:]: s for p, s in shapes.items() if p.startswith(k + "/")}
+      out += [(f"{k}:{g}", [f"{k}/{m}" for m in members], ra)
+              for g, members, ra in layout.row_groups(sub)]
+    return out
+
+  def convert(self, saved, arrays, template, partial):
+    if saved.get("kind") != self.KIND:
+      raise LayoutMismatchError(f"snapshot layout {saved.get('kind')!r} is not {self.KIND!r}; "
+                                "a model that mixes static and dynamic tables restores only "
+                                "from one that did")
+    out, report = {}, []
+    for k, layout in self.parts.items():
+      sub = lambda d: {p[len(k) + 1:]: x for p, x in d.items() if p.startswith(k + "/")}
+      if saved[k] == layout.describe():
+        conv, rep = sub(arrays), []
+      else:
+        conv, rep = layout.convert(saved[k], sub(arrays), sub(template), partial)
+      out.update({f"{k}/{p}": a for p, a in conv.items()})
+      report += [f"{k}: {r}" for r in rep]
     return out, report
 
 
@@ -384,6 +442,8 @@ def _check_tables(what: str, noun: str, missing: list[str], dropped: list[str], 
 
 def layout_for(emb) -> Layout:
   """The layout of an embedding engine's state (static stacks or dynamic hash tables)."""
+  if getattr(emb, "is_mixed", False):
+    return MixedEmbeddingLayout(emb)
   if getattr(emb, "is_dynamic", False):
     return DynamicEmbeddingLayout(emb)
   return StackedEmbeddingLayout(emb)

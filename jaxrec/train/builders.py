@@ -16,6 +16,7 @@ from jaxrec import models
 from jaxrec.data import synthetic
 from jaxrec.distributed.mesh import make_mesh
 from jaxrec.embedding.dynamic import DynamicEmbedding
+from jaxrec.embedding.mixed import MixedEmbedding
 from jaxrec.embedding.specs import DynamicSpec, FeatureSpec, SparseOptimizer, TableSpec
 from jaxrec.embedding.sharded import ShardedEmbedding
 
@@ -54,8 +55,10 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
   emb_cfg may set ``sharding`` (one type for every table, overriding the planner),
   ``memory_budget_mib`` (per device), ``replicate_below_kib`` and ``capacity_factor``.
   ``dynamic=True`` makes every table dynamic (``dynamic_table``) and returns a
-  ``DynamicEmbedding`` instead. ``dedup`` (default True) and ``comm`` (a
-  ``jaxrec.comm.spec.CommSpec``: wire precision of the row exchanges) go to the engine.
+  ``DynamicEmbedding`` instead; with ``dynamic_min_vocab``, features with a smaller vocabulary
+  keep their static table and a model with both kinds gets a ``MixedEmbedding``. ``dedup``
+  (default True) and ``comm`` (a ``jaxrec.comm.spec.CommSpec``: wire precision of the row
+  exchanges) go to the static engine.
   """
   opt = SparseOptimizer(name=emb_cfg.optimizer, learning_rate=emb_cfg.learning_rate,
                         initial_accumulator=emb_cfg.get("initial_accumulator", 0.0),
@@ -70,15 +73,6 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
                                 max_ids=layout.max_ids[f]))
   if mesh is None:
     mesh = make_mesh()
-  if emb_cfg.get("dynamic", False):
-    if comm is not None and {comm.embedding_precision,
-                             comm.embedding_forward_precision} != {"fp32"}:
-      raise ValueError("config.comm.embedding_precision / embedding_forward_precision: "
-                       "compressed rows are wired for static tables only (embedding.dynamic)")
-    tables = [dynamic_table(t, card, emb_cfg, mesh.size) for t, card in
-              zip(tables, cardinalities if cardinalities is not None else [None] * len(tables))]
-    return DynamicEmbedding(tables, features, mesh, batch_size=batch_size,
-                            capacity_factor=emb_cfg.get("capacity_factor", None))
   planner = {}
   if emb_cfg.get("memory_budget_mib"):
     planner["memory_budget"] = int(emb_cfg.memory_budget_mib * 2**20)
@@ -88,9 +82,27 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
     planner.update(precision=comm.embedding_precision,
                    forward_precision=comm.embedding_forward_precision,
                    compact_ids=comm.compact_ids)
+  planner["dedup"] = emb_cfg.get("dedup", True)
+  if emb_cfg.get("dynamic", False):
+    # Vocabularies below dynamic_min_vocab keep their static hashed table (unknown: dynamic).
+    min_vocab = int(emb_cfg.get("dynamic_min_vocab", 0) or 0)
+    cards = cardinalities if cardinalities is not None else [None] * len(tables)
+    tables = [t if card is not None and card < min_vocab else
+              dynamic_table(t, card, emb_cfg, mesh.size) for t, card in zip(tables, cards)]
+    if all(t.dynamic is None for t in tables):
+      return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
+                              capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
+    if comm is not None and {comm.embedding_precision,
+                             comm.embedding_forward_precision} != {"fp32"}:
+      raise ValueError("config.comm.embedding_precision / embedding_forward_precision: "
+                       "compressed rows are wired for static tables only (embedding.dynamic)")
+    if all(t.dynamic is not None for t in tables):
+      return DynamicEmbedding(tables, features, mesh, batch_size=batch_size,
+                              capacity_factor=emb_cfg.get("capacity_factor", None))
+    return MixedEmbedding(tables, features, mesh, batch_size=batch_size,
+                          capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
   return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
-                          capacity_factor=emb_cfg.get("capacity_factor", None),
-                          dedup=emb_cfg.get("dedup", True), **planner)
+                          capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
 
 
 def dynamic_table(static: TableSpec, cardinality: int | None, emb_cfg, shards: int
@@ -109,7 +121,7 @@ def dynamic_table(static: TableSpec, cardinality: int | None, emb_cfg, shards: i
   known = {"capacity_factor", "min_capacity", "max_capacity", "min_count", "admit_probability",
            "steps_to_live", "min_frequency", "min_l2_norm", "max_load_factor",
            "evict_every_steps", "evict_above_load_factor", "on_full", "max_probes",
-           "sketch_width"}
+           "sketch_width", "default_row"}
   unknown = sorted(set(d.keys()) - known)
   if unknown:
     raise ValueError(f"config.embedding.dynamic_table has unknown fields {unknown}; "

@@ -40,24 +40,39 @@ def make_dynamic_train_step(graphdef, emb, tx: optax.GradientTransformation,
                             monitors: StepMonitors | None = None,
                             task_weights=None) -> Callable:
   """The step for a ``DynamicEmbedding``: its forward inserts and evicts (integer state, no
-  custom_vjp), so the step differentiates w.r.t. the features and calls its ``update``."""
+  custom_vjp), so the step differentiates w.r.t. the features and calls its ``update``. A
+  ``MixedEmbedding`` also has static tables: their lookup runs inside the loss, and the
+  gradient w.r.t. their state is the updated state (the custom_vjp of ``make_train_step``)."""
+  mixed = getattr(emb, "is_mixed", False)
+
   def train_step(state: TrainState, batch: dict):
     step = state.step + 1
     emb_state, feats, res, stats = emb.forward_train(state.emb, batch["ids"], batch["mask"],
                                                      step)
 
-    (loss, logits), (g_params, g_feats) = jax.value_and_grad(
-        _loss_fn(graphdef, batch, task_weights), argnums=(0, 1), has_aux=True)(state.params,
-                                                                               feats)
+    n = tasks.num_tasks(task_weights)
+
+    def loss_fn(params, feats, static):
+      s_stats = jnp.zeros((2,), jnp.int32)
+      if mixed:  # every feature in model order; the static lookup's VJP updates `static`
+        feats, s_stats = emb.static_lookup(static, feats, batch["ids"], batch["mask"], step)
+      logits = _forward(graphdef, params, feats, batch["dense"], n)
+      return tasks.task_loss(logits, batch["labels"], task_weights), (logits, s_stats)
+
+    (loss, (logits, s_stats)), (g_params, g_feats, static) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(
+            state.params, feats, emb_state["static"] if mixed else None)
     emb_state = emb.update(emb_state, res, g_feats, step)
+    if mixed:
+      emb_state = {**emb_state, "static": static}
     updates, opt_state = tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    tables = list(emb.table_specs)
+    tables = list(emb.specs)   # the dynamic ones
     metrics = {
         "loss": loss,
         "dense_grad_norm": optax.tree.norm(g_params),
-        "embedding_overflow": sum(stats[f"{t}/overflow"] for t in tables),
-        "invalid_ids": jnp.zeros((), jnp.int32),
+        "embedding_overflow": sum(stats[f"{t}/overflow"] for t in tables) + s_stats[0],
+        "invalid_ids": s_stats[1],
         "dynamic/size": sum(stats[f"{t}/size"] for t in tables),  # rows held, all tables
         **{f"dynamic/{k}": v for k, v in stats.items()},
         **{f"dynamic/{k}": sum(stats[f"{t}/{k}"] for t in tables)   # all tables, this step
