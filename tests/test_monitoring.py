@@ -251,10 +251,8 @@ class _Edited:
 
 
 def _edit_stream(monkeypatch, **edits):
-  real = loop._data_sources
-  monkeypatch.setattr(loop, "_data_sources",
-                      lambda config: (lambda s, cards: (_Edited(s, **edits), cards))(
-                          *real(config)))
+  real = builders.synthetic_stream
+  monkeypatch.setattr(builders, "synthetic_stream", lambda d: _Edited(real(d), **edits))
 
 
 @pytest.fixture

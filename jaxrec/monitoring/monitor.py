@@ -117,10 +117,9 @@ class MonitorOptions:
 
 def collective_bytes_per_step(compiled) -> tuple[int | None, str]:
   """(bytes, source) of the compiled step's collectives, via jaxrec.comm.accounting."""
-  try:
-    from jaxrec.comm.accounting import collective_bytes
-  except ImportError:
-    return None, "absent: jaxrec.comm.accounting is not importable"
+  if compiled is None:
+    return None, "absent: no compiled step"
+  from jaxrec.comm.accounting import collective_bytes
   return int(collective_bytes(compiled)["total"]), "jaxrec.comm.accounting"
 
 

@@ -27,6 +27,17 @@ def _say(msg: str):
     print(msg, flush=True)
 
 
+def _data_sources(config):
+  """(synthetic stream, vocabularies) of a config whose data source is the generator: the
+  benchmarks build their steps from it (the loop itself reads ``sources.open_data``)."""
+  d = config.data
+  if d.source != "synthetic":
+    raise ValueError(f"config.data.source={d.source!r}: this entry point reads the synthetic "
+                     "stream only")
+  stream = builders.synthetic_stream(d)
+  return stream, stream.config.cardinalities
+
+
 def init_state(config, emb, model, tx) -> tuple:
   graphdef, params = nnx.split(model, nnx.Param)
   emb_state = emb.init(jax.random.key(config.seed + 1))
