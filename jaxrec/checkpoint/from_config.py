@@ -47,24 +47,25 @@ class Run:
   emb: Any
   graphdef: Any
   tx: Any
-  stream: Any
+  stream: Any   # the synthetic stream; for other sources their jaxrec.train.sources.TrainData
 
 
 def build(config) -> Run:
   """The initial (placed) TrainState of ``config``, with its checkpoint layouts."""
   from jaxrec.checkpoint.layouts import layout_for
   from jaxrec.distributed.mesh import make_mesh
-  from jaxrec.train import builders, loop
+  from jaxrec.train import builders, loop, sources
   from jaxrec.train.state import place_state
 
   d = config.data
-  stream, cards = loop._data_sources(config)  # pylint: disable=protected-access
-  steps = max(1, int(d.train_examples // d.batch_size))
+  data = sources.open_data(config)
+  stream, cards = getattr(data, "stream", data), data.cardinalities
+  steps = max(1, int(data.train_examples // d.batch_size))
   mesh_cfg = config.get("mesh") or {}
   mesh = make_mesh(mesh_cfg.get("shape"), mesh_cfg.get("axis_names"))
-  emb = builders.embedding_plan(stream.layout, cards, config.embedding,
+  emb = builders.embedding_plan(data.layout, cards, config.embedding,
                                 config.model.embedding_dim, mesh=mesh, batch_size=d.batch_size)
-  model = builders.build_model(config.model, d.num_dense, stream.layout.num_features,
+  model = builders.build_model(config.model, d.num_dense, data.layout.num_features,
                                config.seed)
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = loop.init_state(config, emb, model, tx)
