@@ -26,9 +26,9 @@ are dropped (zeros forward, no update) and counted in the ``overflow`` stat, nev
 
 Wire precision (``jaxrec.comm.codec``): the gradient all_to_all (and the replicated stacks'
 gradient all_gather) can move bf16 / fp16 or per-row-scaled int8 rows instead of fp32, and so
-can the forward all_to_all of looked-up rows; row IDs always travel as int32. ``dedup=False``
-sends every valid (ID, gradient) lookup instead of one per distinct row (for ablations).
-``compact_ids`` sends row IDs as uint16 where a stack's (or slab's) rows fit.
+can the forward all_to_all of looked-up rows. Row IDs travel as int32, or as uint16 with
+``compact_ids`` where a stack's (or slab's) rows fit. ``dedup=False`` sends every valid
+(ID, gradient) lookup instead of one per distinct row (for ablations).
 """
 
 from __future__ import annotations
