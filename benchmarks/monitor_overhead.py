@@ -8,7 +8,8 @@ anomaly guard used to make).
 
 Batches are made and placed on the devices before timing and cycled, so input is not measured.
 Each mode runs ``--steps`` steps per round, modes interleaved, ``--rounds`` rounds; the median
-round is reported. Ends with one JSON line.
+round is reported, as wall time and as this process's CPU time (steadier on a shared
+machine). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -68,12 +69,12 @@ def main(argv):
     mon = Monitor(opts, workdir=None, total_steps=10**9, batch_size=FLAGS.batch_size,
                   compiled=compiled, column_tables=np.arange(stream.layout.num_columns),
                   say=lambda s: None) if monitors and name != "step_only" else None
-    modes[name] = {"compiled": compiled, "state": state, "monitor": mon, "step": 0, "times": []}
+    modes[name] = {"compiled": compiled, "state": state, "monitor": mon, "step": 0, "times": [], "cpu": []}
 
   def run(mode, n):
     m = modes[mode]
     state, mon = m["state"], m["monitor"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
       state, metrics = m["compiled"](state, batches[i % len(batches)])
       m["step"] += 1
@@ -81,10 +82,12 @@ def main(argv):
         mon.after_step(m["step"], metrics, batches[i % len(batches)], {"example": 0})
     jax.block_until_ready(state)
     m["state"] = state
+    m["cpu"].append(time.process_time() - c0)
     return time.perf_counter() - t0
 
   for mode in modes:
     run(mode, 20)                                       # warm up
+    modes[mode]["cpu"].clear()
   for _ in range(FLAGS.rounds):
     for mode in modes:
       modes[mode]["times"].append(run(mode, FLAGS.steps))
@@ -94,18 +97,23 @@ def main(argv):
         f"x {FLAGS.rounds} rounds on {jax.devices()[0].platform} x{len(jax.devices())} "
         f"({platform.processor() or platform.machine()}), load average "
         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
-  print(f"{'monitors':<22}{'ms/step':>10}{'samples/s':>12}{'vs off':>9}")
+  print(f"{'monitors':<22}{'ms/step':>10}{'samples/s':>12}{'vs off':>9}{'CPU ms/step':>13}"
+        f"{'vs off':>9}")
   base = float(np.median(modes["off"]["times"]))
+  cbase = float(np.median(modes["off"]["cpu"]))
   out = {}
   for mode, m in modes.items():
     t = float(np.median(m["times"]))
     ms = 1e3 * t / FLAGS.steps
+    cpu = float(np.median(m["cpu"]))
     out[mode] = {"ms_per_step": ms, "samples_per_s": FLAGS.batch_size * FLAGS.steps / t,
-                 "ratio_vs_off": t / base}
-    print(f"{mode:<22}{ms:>10.2f}{out[mode]['samples_per_s']:>12,.0f}{t / base:>9.3f}")
+                 "ratio_vs_off": t / base, "cpu_ms_per_step": 1e3 * cpu / FLAGS.steps,
+                 "cpu_ratio_vs_off": cpu / cbase}
+    print(f"{mode:<22}{ms:>10.2f}{out[mode]['samples_per_s']:>12,.0f}{t / base:>9.3f}"
+          f"{out[mode]['cpu_ms_per_step']:>13.2f}{cpu / cbase:>9.3f}")
   print(json.dumps({"batch_size": FLAGS.batch_size, "steps": FLAGS.steps, "rounds": FLAGS.rounds,
                     "load_average_1m": load[0], **{f"{k}_{f}": v[f] for k, v in out.items()
-                                                   for f in ("ms_per_step", "ratio_vs_off")}}))
+                                                   for f in ("ms_per_step", "ratio_vs_off", "cpu_ratio_vs_off")}}))
 
 
 if __name__ == "__main__":
