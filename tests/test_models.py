@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import models
-from jaxrec.train import builders
+from jaxrec.train import builders, metrics
 
 B, NUM_DENSE, NUM_SPARSE, D = 16, 5, 4, 8
 
@@ -241,60 +241,114 @@ def test_configs_build_their_model(config):
   assert type(m).__name__.lower().startswith(c.model.name.split("_")[0])
 
 
-def _engine_batches(cols, batch, steps, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(steps):
-    raw = rng.zipf(1.5, (batch, cols)).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    dense = rng.normal(size=(batch, 4)).astype(np.float32)
-    out.append({"dense": dense, "ids": raw.view(np.uint32).reshape(batch, cols, 2),
-                "mask": rng.random((batch, cols)) < 0.9,
-                "labels": (dense[:, 0] > 0).astype(np.float32)})
-  return out
+# Every registry model through the real train step: tables sharded over 8 devices or dynamic,
+# bf16 compute, fp32 tables and optimizer state. Three small features of a synthetic stream
+# with both labels, so MMoE fits click and conversion.
+ENGINE_CARDS = (300, 40, 7)
+ENGINE_BATCH, ENGINE_STEPS = 64, 10
 
 
-@pytest.mark.slow   # ~10 compiles of the full train step
-@pytest.mark.parametrize("name", ["dcnv2", "deepfm", "wide_deep", "mmoe"])
-def test_zoo_models_train_in_the_sharded_step_with_static_and_dynamic_tables(name):
+def _engine_run(name, engine, devices):
+  from experiments.configs import dlrm_dynamic
+  from jaxrec.data.synthetic import SyntheticConfig, SyntheticCriteo
   from jaxrec.distributed.mesh import make_mesh
-  from jaxrec.embedding.dynamic import DynamicEmbedding
-  from jaxrec.embedding.sharded import ShardedEmbedding
-  from jaxrec.embedding.specs import DynamicSpec, FeatureSpec, SparseOptimizer, TableSpec
-  from jaxrec.train.state import TrainState, place_state
+  from jaxrec.train.loop import init_state
+  from jaxrec.train.state import place_state
   from jaxrec.train.step import jit_steps
-  opt = SparseOptimizer("rowwise_adagrad", learning_rate=0.05)
-  static = [TableSpec("big", rows=4096, dim=8, optimizer=opt, sharding="row_wise"),
-            TableSpec("small", rows=64, dim=8, optimizer=opt)]
-  dynamic = [TableSpec("dyn", None, 8, optimizer=opt, init_scale=0.1,
-                       dynamic=DynamicSpec(capacity=1024))]
-  engines = {
-      "sharded": lambda mesh, b: ShardedEmbedding(
-          static, [FeatureSpec("f0", "big", "sum", 2), FeatureSpec("f1", "small", "sum", 1)],
-          mesh, batch_size=b),
-      "dynamic": lambda mesh, b: DynamicEmbedding(
-          dynamic, [FeatureSpec("f0", "dyn", "sum", 2), FeatureSpec("f1", "dyn", "sum", 1)], mesh),
-  }
-  options = {"mmoe": {"num_experts": 2, "expert_mlp": (16,)}}.get(name, {})
-  tx = builders.dense_optimizer(
-      ml_collections.ConfigDict({"name": "adam", "learning_rate": 3e-3, "warmup_steps": 2}), 10)
-  for kind, make in engines.items():
-    curves = []
-    for n in (1, 8):
-      emb = make(make_mesh((n,)), 32)
-      model = models.build_model(name, num_dense=4, num_sparse=2, embedding_dim=8,
-                                 bottom_mlp=(16, 8), top_mlp=(16, 1), rngs=nnx.Rngs(0),
-                                 compute_dtype=jnp.bfloat16, **options)
-      graphdef, params = nnx.split(model, nnx.Param)
-      state = place_state(TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                                     emb.init(1)), emb)
-      train, evaluate = jit_steps(graphdef, emb, tx, state)
-      losses = []
-      for b in _engine_batches(3, 32, 3):           # features f0 (2 IDs) and f1 (1 ID)
-        state, m = train(state, b)
-        losses.append(float(m["loss"]))
-      assert np.isfinite(losses).all(), (name, kind, n, losses)
-      curves.append(losses)
-    np.testing.assert_allclose(curves[1], curves[0], rtol=2e-3, err_msg=f"{name}/{kind}")
+  c = importlib.import_module(f"experiments.configs.{name}_synthetic").get_config("tiny")
+  c.model.compute_dtype = "bfloat16"
+  if engine == "sharded":
+    # Nothing replicated: the 300-ID table (300 KiB) goes row-wise, the others table-wise.
+    c.embedding.replicate_below_kib = 0.0
+    c.embedding.memory_budget_mib = 0.5
+  else:                               # as experiments/configs/dlrm_dynamic.py, smaller
+    c.embedding.dynamic = True
+    c.embedding.dynamic_table = dlrm_dynamic.get_config("tiny").embedding.dynamic_table
+    c.embedding.dynamic_table.max_capacity = 1024
+  stream = SyntheticCriteo(SyntheticConfig(seed=0, cardinalities=ENGINE_CARDS, num_pairs=1,
+                                           conversion=True, conversion_features=2))
+  emb = builders.embedding_plan(stream.layout, ENGINE_CARDS, c.embedding, c.model.embedding_dim,
+                                mesh=make_mesh((devices,)), batch_size=ENGINE_BATCH)
+  model = builders.build_model(c.model, c.data.num_dense, len(ENGINE_CARDS), c.seed)
+  tx = builders.dense_optimizer(ml_collections.ConfigDict(
+      {"name": "adam", "learning_rate": 3e-3, "warmup_steps": 1}), ENGINE_STEPS)
+  graphdef, state = init_state(c, emb, model, tx)
+  state = place_state(state, emb)
+  train, _ = jit_steps(graphdef, emb, tx, state,
+                       task_weights=tuple(c.model.get("task_weights") or ()) or None)
+  batches = [builders.device_batch(emb.check_batch(stream.examples(i * ENGINE_BATCH,
+                                                                   (i + 1) * ENGINE_BATCH)))
+             for i in range(2)]
+  start = jax.device_get(state.params)
+  losses = []
+  for s in range(ENGINE_STEPS):        # two batches in turn, so a loss can be compared
+    state, m = train(state, batches[s % 2])
+    losses.append(float(m["loss"]))
+  return emb, start, state, np.asarray(losses)
+
+
+# Two full-step compiles each (dynamic ones are slow to compile): the default suite keeps DLRM
+# and two-task MMoE on sharded tables; `-m slow` runs every model on both engines.
+_FAST_ENGINE_CASES = {("dlrm", "sharded"), ("mmoe", "sharded")}
+
+
+@pytest.mark.parametrize("name,engine", [
+    pytest.param(n, e, marks=() if (n, e) in _FAST_ENGINE_CASES else pytest.mark.slow)
+    for n in sorted(models.MODELS) for e in ("sharded", "dynamic")])
+def test_every_model_trains_on_sharded_and_dynamic_tables_in_bf16(name, engine):
+  emb1, _, _, losses1 = _engine_run(name, engine, 1)
+  emb8, start, state, losses8 = _engine_run(name, engine, 8)
+  assert np.isfinite(losses8).all(), losses8
+  # The same two batches cost less after a few steps.
+  assert losses8[-2] < losses8[0] and losses8[-1] < losses8[1], losses8
+  # 8 devices compute the 1-device step: the same first two losses; later the bf16 rounding
+  # of differently split matmuls compounds through the updates (DCNv2: 0.2% by step 9).
+  np.testing.assert_allclose(losses8[:2], losses1[:2], rtol=1e-4)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-2)
+  # Mixed precision keeps every table, parameter and optimizer slot in fp32.
+  floats = [x for x in jax.tree.leaves((state.params, state.opt_state, state.emb))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and all(x.dtype == jnp.float32 for x in floats)
+  if engine == "sharded":               # the tables really are split over the 8 devices
+    tables = [x for x in jax.tree.leaves(state.emb) if x.ndim == 2 and x.shape[0] >= 8]
+    assert any(not x.sharding.is_fully_replicated and len(x.sharding.device_set) == 8
+               for x in tables)
+  else:
+    assert type(emb8).__name__ == "DynamicEmbedding"
+  if name == "mmoe":                    # both towers train: the conversion label reached its head
+    moved = lambda t: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                          zip(jax.tree.leaves(start["towers"][t]),
+                              jax.tree.leaves(jax.device_get(state.params)["towers"][t])))
+    assert moved(0) > 0 and moved(1) > 0
+
+
+def test_mmoe_run_fits_and_reports_click_and_conversion():
+  """The loop end to end on a stream with both labels: the conversion head learns, and its
+  Bayes AUC is the teacher's, recomputed here from the stream."""
+  from experiments.configs import mmoe_synthetic
+  from jaxrec.data.synthetic import SyntheticConfig, SyntheticCriteo
+  from jaxrec.train.loop import train_and_evaluate
+  c = mmoe_synthetic.get_config("tiny")
+  cards = (300, 100, 30, 5)
+  c.data.preset = "kaggle"                 # the preset that takes its vocabularies from here
+  c.data.synthetic.cardinalities = cards
+  c.data.synthetic.num_pairs = 1
+  n = 512 * 80                             # 80 steps
+  c.data.batch_size, c.data.train_examples = 512, n
+  c.data.eval_start, c.data.eval_examples, c.data.eval_batch_size = n, 16384, 4096
+  c.mesh.shape = (1,)
+  c.model.embedding_dim, c.model.bottom_mlp, c.model.top_mlp = 8, (16, 8), (16, 1)
+  c.model.options.expert_mlp = (32, 16)
+  c.optimizer.learning_rate, c.embedding.learning_rate = 1e-2, 0.1
+  s = train_and_evaluate(c)
+  synth = {k: v for k, v in c.data.synthetic.items() if k != "cardinalities"}
+  stream = SyntheticCriteo(SyntheticConfig(seed=c.data.seed, cardinalities=cards, **synth))
+  b, p = stream.examples(n, n + 16384, with_prob=True)
+  assert s["bayes_auc"] == metrics.auc(b.labels[:, 0], p[:, 0])
+  assert s["bayes_auc_conversion"] == metrics.auc(b.labels[:, 1], p[:, 1])
+  for k in ("", "_conversion"):
+    assert s[f"bayes_auc{k}"] > s[f"test_auc{k}"] > 0.68, s   # measured 0.73 and 0.73
+    assert s[f"test_logloss{k}"] < s[f"constant_logloss{k}"], s
 
 
 @pytest.mark.slow   # one to two minutes each on a 2-core CPU
@@ -303,10 +357,15 @@ def test_zoo_models_train_in_the_sharded_step_with_static_and_dynamic_tables(nam
 def test_learns_the_planted_task(config):
   """The `:test` miniature (800k examples, 781 steps): a regression guard, not the acceptance
   bar. Measured margin ratios (auc - 0.5) / (bayes - 0.5): DCNv2 0.951, DeepFM 0.915,
-  Wide&Deep 0.948, MMoE (click head) 0.952, DLRM 0.946; 0.97 needs longer runs (DCNv2 0.978
-  at 5M examples)."""
+  Wide&Deep 0.948, MMoE (click head, trained alone) 0.952, DLRM 0.946; 0.97 needs longer runs
+  (at 5M examples, evaluated on the next 200k: DCNv2 0.978, DeepFM 0.970, MMoE with both
+  heads 0.978 click / 0.982 conversion). MMoE's two-head figures at 800k are not measured; its
+  conversion bound is loose."""
   from jaxrec.train.loop import train_and_evaluate
   s = train_and_evaluate(importlib.import_module(f"experiments.configs.{config}").get_config("test"))
   ratio = (s["test_auc"] - 0.5) / (s["bayes_auc"] - 0.5)
   assert ratio > 0.88, (config, ratio, s)
   assert s["test_logloss"] < s["constant_logloss"] - 0.05, s
+  if config == "mmoe_synthetic":
+    conversion = (s["test_auc_conversion"] - 0.5) / (s["bayes_auc_conversion"] - 0.5)
+    assert conversion > 0.8, (conversion, s)

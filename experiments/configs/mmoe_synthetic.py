@@ -7,6 +7,11 @@ probability, so P(conversion) and its Bayes AUC are known too); both heads train
 ``task_weights[0] * BCE(click) + task_weights[1] * BCE(conversion)``, and the summary reports
 test_auc / bayes_auc (click) and test_auc_conversion / bayes_auc_conversion. Variants as
 dlrm_synthetic: `:tiny`, `:test`, `:kaggle`.
+
+Measured (2-core shared CPU, load ~25): `:test` with --config.data.train_examples=5000000
+--config.data.eval_start=5000000 --config.data.eval_examples=200000 (4,882 steps x 1,024):
+click AUC 0.8564 vs Bayes 0.8645 (0.978 of the margin over 0.5), conversion 0.8772 vs 0.8841
+(0.982).
 """
 
 import ml_collections
