@@ -519,8 +519,8 @@ def run_ablation(abl, output_dir: str, isolation: str = "subprocess", rerun: boo
   first = next(iter(results.values()), None)
   if kind == "train" and first is not None:
     header.insert(4, f"{first['steps']:,} steps x batch "
-                     f"{first['train_examples'] // max(first['steps'], 1):,} (base variant of the "
-                     f"first run), {first['eval_examples']:,} held-out examples; Bayes-optimal "
+                     f"{first['train_examples'] // max(first['steps'], 1):,} (first "
+                     f"variant), {first['eval_examples']:,} held-out examples; Bayes-optimal "
                      f"AUC {first['bayes_auc']:.4f}.")
   header = [h for h in header if h is not None]
   table = write_tables(abl, variants, cells, results, metrics, header, output_dir)
