@@ -1,5 +1,5 @@
 """Dynamic tables batched into one program per group of same-shaped tables, and the trainable
-default row: the vmapped group gives what one program per table gives, exactly; the default
+default row: the grouped program gives what one program per table gives, exactly; the default
 row reads and trains like a plain numpy row-wise Adagrad row fed by the lookups without a
 row (held keys taken from ``export``, not from the engine's internals)."""
 

@@ -16,10 +16,10 @@ devices`` rows (rounded up to a power of two). All of a step's dynamic work runs
     ``DynamicSpec(default_row="trainable")`` their gradient trains the table's default row.
 
 Tables of the same shape (capacity, dim, optimizer, policies: ``TableGroup``) run as one
-program: their states are stacked on a leading table axis and the per-table code above is
-``jax.vmap``-ed over it, with the table's salt and init scale as traced inputs, so the 26
-tables of a Criteo-like model compile a few hash-table programs instead of 26 (one
-all_to_all per group, too). A group of one table runs unbatched.
+program: their states are stacked on a leading table axis and the per-table code above runs
+in a ``lax.map`` over it (one compiled body), with the table's salt and init scale as traced
+inputs, so the 26 tables of a Criteo-like model compile a few hash-table programs instead of
+26 (one all_to_all per group, too). A group of one table runs without the loop.
 
 Why not a custom_vjp like ``ShardedEmbedding.lookup``: the forward itself changes the state
 (inserts, evictions, counters, all integer arrays), and integer leaves cannot travel as a
@@ -120,7 +120,7 @@ class TableGroup:
   """Dynamic tables that run as one program: the same hash-table shape (capacity, dim, slots,
   admission, full-table policy), optimizer, eviction policy, lanes a row and default row.
   They differ only in their salt (routing, row init, admission coin) and init scale, which
-  the vmapped program takes per table."""
+  the program takes per table."""
 
   name: str
   tables: tuple[str, ...]
@@ -143,7 +143,7 @@ class DynamicEmbedding(MeshEngine):
     capacity_factor: None (buckets never overflow) or a bucket size relative to the mean
       requests per destination; requests past a full bucket read the default row (zeros
       unless trainable), are not updated, and are counted in the ``overflow`` stat.
-    group_tables: run same-shaped tables as one vmapped program (``TableGroup``); False gives
+    group_tables: run same-shaped tables as one program (``TableGroup``); False gives
       every table its own program (the same results, compiled once per table).
   """
 
@@ -259,15 +259,18 @@ class DynamicEmbedding(MeshEngine):
 
   def _map_tables(self, g: TableGroup, fn, *args):
     """``fn(spec, *args)`` for every table of ``g``; each arg has a leading table axis. One
-    table: called directly; more: vmapped, the table's seed and init scale traced."""
+    table: called directly; more: ``lax.map`` (one compiled body, the table's seed and init
+    scale traced). Not vmap: batched while-loop predicates and conds turn every probe round
+    and eviction into selects over whole tables (measured slower to compile and to run)."""
     if len(g.tables) == 1:
       out = fn(self.specs[g.tables[0]], *jax.tree.map(lambda x: x[0], args))
       return jax.tree.map(lambda x: x[None], out)
 
-    def one(salt, scale, *a):
-      return fn(dataclasses.replace(g.spec, seed=salt, init_scale=scale), *a)
+    def one(a):
+      salt, scale, *rest = a
+      return fn(dataclasses.replace(g.spec, seed=salt, init_scale=scale), *rest)
 
-    return jax.vmap(one)(jnp.asarray(g.salts), jnp.asarray(g.scales), *args)
+    return jax.lax.map(one, (jnp.asarray(g.salts), jnp.asarray(g.scales), *args))
 
   @staticmethod
   def _stack(state: dict, g: TableGroup):
@@ -353,30 +356,18 @@ class DynamicEmbedding(MeshEngine):
   # ---- forward -------------------------------------------------------------------------------
 
   def _evict(self, g: TableGroup, st, step):
-    """``maybe_evict`` of every table of the group; returns (state, evicted [T]). Tables not
-    due keep their state: one cond for the group (a vmapped cond would evict every step)."""
+    """``maybe_evict`` of every table of the group; returns (state, evicted [T])."""
     policy = self.policies[g.tables[0]]
     if policy is None:
       return st, jnp.zeros((len(g.tables),), jnp.int32)
     d = self.table_specs[g.tables[0]].dynamic
-    if len(g.tables) == 1:
-      s0, es = ht.maybe_evict(g.spec, jax.tree.map(lambda x: x[0], st), step, policy,
-                              every_steps=d.evict_every_steps,
-                              above_load_factor=d.evict_above_load_factor)
-      return jax.tree.map(lambda x: x[None], s0), es.evicted[None]
-    due = jnp.zeros((len(g.tables),), bool)
-    if d.evict_every_steps is not None:
-      due |= step % d.evict_every_steps == 0
-    if d.evict_above_load_factor is not None:
-      due |= st.size > int(np.floor(d.evict_above_load_factor * g.spec.capacity))
 
-    def run(st):
-      new, es = jax.vmap(lambda s: ht.evict(g.spec, s, step, policy))(st)
-      keep = lambda a, b: jnp.where(due.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-      return jax.tree.map(keep, new, st), jnp.where(due, es.evicted, 0)
+    def one(spec, s):
+      s, es = ht.maybe_evict(spec, s, step, policy, every_steps=d.evict_every_steps,
+                             above_load_factor=d.evict_above_load_factor)
+      return s, es.evicted
 
-    return jax.lax.cond(jnp.any(due), run,
-                        lambda st: (st, jnp.zeros((len(g.tables),), jnp.int32)), st)
+    return self._map_tables(g, one, st)
 
   def _forward_local(self, state: dict, ids, mask, step, train: bool):
     feats = [None] * len(self.features)
