@@ -586,6 +586,21 @@ def test_slots_are_initialised_for_new_rows():
   assert np.sum(acc == np.float32(5.1)) == 62
 
 
+@pytest.mark.parametrize("dim", [4, 64, 20])
+def test_gather_values_matches_numpy_take(dim):
+  # dim 64 takes the [dim / 8, 8] block gather, 4 and 20 the flat one.
+  spec = ht.HashTableSpec(name="gather", capacity=64, dim=dim)
+  s, rows, _ = jax.jit(ht.find_or_insert, static_argnums=0)(spec, ht.init(spec),
+                                                             pairs(range(100, 140)), 0)
+  rng = np.random.default_rng(dim)
+  values = rng.standard_normal((64, dim)).astype(np.float32)
+  s = dataclasses.replace(s, values=jnp.asarray(values))
+  query = np.concatenate([np.asarray(rows), [-1, -1]])[rng.permutation(42)].reshape(6, 7)
+  got = jax.jit(lambda s, r: ht.gather_values(s, r, default=-2.5))(s, jnp.asarray(query))
+  want = np.where((query >= 0)[..., None], values[np.maximum(query, 0)], np.float32(-2.5))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_shard_map_one_table_per_shard():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (JAX_NUM_CPU_DEVICES=8)")

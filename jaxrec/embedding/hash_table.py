@@ -320,10 +320,12 @@ def _read_bucket(buckets: jax.Array, b: jax.Array, tag: jax.Array):
   """Gathers buckets b: (live slots whose tag matches, live bits, displaced-past count, row)."""
   row = buckets.at[b].get(mode="promise_in_bounds")
   live = row[:, _META] & jnp.uint32(0xFF)
-  cand = jnp.zeros_like(live)
-  for s in range(SLOTS_PER_BUCKET):
-    byte = (row[:, s // 4] >> jnp.uint32(8 * (s % 4))) & jnp.uint32(0xFF)
-    cand = cand | jnp.where(byte == tag, jnp.uint32(1 << s), jnp.uint32(0))
+  # All 8 tag bytes as one [n, 8] compare and a sum of slot bits: XLA:CPU runs this ~4x
+  # faster than 8 unrolled byte compares of [n] columns.
+  shifts = jnp.arange(4, dtype=jnp.uint32) * jnp.uint32(8)
+  tags = ((row[:, :2, None] >> shifts) & jnp.uint32(0xFF)).reshape(-1, SLOTS_PER_BUCKET)
+  cand = jnp.sum(jnp.where(tags == tag[:, None], _slot_bits(), jnp.uint32(0)), axis=1,
+                 dtype=jnp.uint32)
   return cand & live, live, row[:, _META] >> 8, row
 
 
@@ -865,9 +867,21 @@ def gather_values(state: HashTableState, rows: jax.Array, default: float = 0.0) 
   cap, dim = state.values.shape
   flat = rows.reshape(-1)
   ok = flat >= 0
-  out = state.values.at[jnp.where(ok, flat, 0)].get(mode="promise_in_bounds")
+  out = _gather_rows(state.values, jnp.where(ok, flat, 0))
   out = jnp.where(ok[:, None], out, jnp.asarray(default, out.dtype))
   return out.reshape(*rows.shape, dim)
+
+
+def _gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """table[idx] for in-bounds idx. Rows are gathered as [dim / 8, 8] blocks when dim allows:
+  XLA:CPU copies such slices ~3x faster than flat rows (PERF-NOTES.md); same result."""
+  cap, dim = table.shape
+  if dim % 8 or dim <= 8:
+    return table.at[idx].get(mode="promise_in_bounds")
+  blocks = table.reshape(cap, dim // 8, 8).at[idx].get(mode="promise_in_bounds")
+  # The barrier keeps the gather a separate copy: fused into the caller's select it runs
+  # element by element again.
+  return lax.optimization_barrier(blocks).reshape(idx.shape[0], dim)
 
 
 def scatter_values(state: HashTableState, rows: jax.Array, values: jax.Array) -> HashTableState:
