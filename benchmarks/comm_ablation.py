@@ -108,7 +108,7 @@ def run(name) -> dict:
   tx = builders.dense_optimizer(config.optimizer, steps)
   graphdef, state = loop.init_state(config, emb, model, tx)
   state = place_state(state, emb)
-  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm)
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm=comm)
   to_device = builders.device_batch
   put = lambda b: jax.device_put(to_device(b), emb.batch_sharding)
   t0 = time.perf_counter()

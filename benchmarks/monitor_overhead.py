@@ -64,7 +64,8 @@ def main(argv):
                           anomaly_action="log",
                           check_every_steps=1 if name == "on_sync_every_step" else 10)
     state = place_state(jax.tree.map(np.asarray, state0), emb)
-    train, _ = jit_steps(graphdef, emb, tx, state, opts.step_monitors() if monitors else None)
+    train, _ = jit_steps(graphdef, emb, tx, state,
+                         monitors=opts.step_monitors() if monitors else None)
     compiled = train.lower(state, batches[0]).compile()
     mon = Monitor(opts, workdir=None, total_steps=10**9, batch_size=FLAGS.batch_size,
                   compiled=compiled, column_tables=np.arange(stream.layout.num_columns),

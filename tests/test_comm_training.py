@@ -58,7 +58,7 @@ def _train(comm, shape=(2, 4)):
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), emb.init(1),
                      init_comm_state(params, emb, spec))
   state = place_state(state, emb)
-  train, _ = jit_steps(graphdef, emb, tx, state, comm)
+  train, _ = jit_steps(graphdef, emb, tx, state, comm=comm)
   losses = []
   for b in _batches(features):
     state, m = train(state, b)

@@ -139,7 +139,8 @@ def test_step_grad_norms_per_group_match_a_direct_computation():
   c = tiny_config(devices=2)
   c.embedding.replicate_below_kib = 0                       # sharded tables, all_to_all
   run = from_config.build(c)
-  train, _ = jit_steps(run.graphdef, run.emb, run.tx, run.state, StepMonitors(auc_bins=64))
+  train, _ = jit_steps(run.graphdef, run.emb, run.tx, run.state,
+                       monitors=StepMonitors(auc_bins=64))
   host = run.stream.examples(0, B)
   batch = jax.device_put(builders.device_batch(run.emb.check_batch(host)), run.emb.batch_sharding)
 

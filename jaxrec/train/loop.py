@@ -118,8 +118,9 @@ def train_and_evaluate(config, workdir: str | None = None) -> dict:
   monitor_options = MonitorOptions.from_config(config)
   # None: one task; (w_0, ..., w_T-1): fit T label columns (jaxrec/train/tasks.py).
   task_weights = tuple(config.model.get("task_weights") or ()) or None
-  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm,
-                                    monitor_options.step_monitors(), task_weights)
+  train_step, eval_step = jit_steps(graphdef, emb, tx, state, comm=comm,
+                                    monitors=monitor_options.step_monitors(),
+                                    task_weights=task_weights)
   table_rows = sum(t.rows or t.dynamic.capacity for t in emb.table_specs.values())
   _say(f"jaxrec: {config.model.name} on {d.source}/{d.preset}: {layout.num_features} sparse "
        f"features, {table_rows:,} embedding rows x {config.model.embedding_dim}, "

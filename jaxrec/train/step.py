@@ -95,7 +95,7 @@ def _loss_fn(graphdef, batch, task_weights=None):
   return loss_fn
 
 
-def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
+def make_train_step(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation, *,
                     comm: CommSpec | None = None,
                     monitors: StepMonitors | None = None, task_weights=None) -> Callable:
   """``comm``: how dense gradients are all-reduced (None: XLA's flat fp32 psum);
@@ -141,14 +141,15 @@ def make_eval_step(graphdef, emb: ShardedEmbedding, num_tasks: int = 1) -> Calla
 
 
 def jit_steps(graphdef, emb: ShardedEmbedding, tx: optax.GradientTransformation,
-              state: TrainState, comm: CommSpec | None = None,
+              state: TrainState, *, comm: CommSpec | None = None,
               monitors: StepMonitors | None = None, task_weights=None):
   """(train_step, eval_step) jitted with explicit shardings; train donates the state. Eval
   gives probabilities [B], or [B, T] with T = len(task_weights) tasks.
   ``comm``: how the dense gradients are all-reduced (None: XLA's flat fp32 psum)."""
   sh = state_shardings(state, emb)
   rep = NamedSharding(emb.mesh, P())
-  train = jax.jit(make_train_step(graphdef, emb, tx, comm, monitors, task_weights),
+  train = jax.jit(make_train_step(graphdef, emb, tx, comm=comm, monitors=monitors,
+                                  task_weights=task_weights),
                   in_shardings=(sh, emb.batch_sharding), out_shardings=(sh, rep),
                   donate_argnums=0)
   evaluate = jax.jit(make_eval_step(graphdef, emb, tasks.num_tasks(task_weights)),
