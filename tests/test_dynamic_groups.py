@@ -157,6 +157,7 @@ def test_trainable_default_row_against_numpy():
     assert "default" not in b["held"]["u"]
 
 
+@pytest.mark.slow  # two more engines (1 and 8 devices): ~40 s of CPU
 def test_default_row_in_eval_and_mesh_invariant():
   one, s1 = _run(_engine(tuple(DEF_TABLES), (1,)), 3, held=False)
   eight, s8 = _run(_engine(tuple(DEF_TABLES), (8,)), 3, held=False)

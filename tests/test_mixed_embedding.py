@@ -140,6 +140,7 @@ def _mixed_config(devices: int):
   return c
 
 
+@pytest.mark.slow  # three builds of a mixed model on 8 and 4 devices: ~50 s of CPU
 def test_mixed_model_from_config_checkpoints_and_reshards(tmp_path):
   run = from_config.build(_mixed_config(8))
   emb = run.emb

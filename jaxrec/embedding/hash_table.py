@@ -93,7 +93,7 @@ class HashTableSpec:
     [-init_scale, init_scale) from a hash of (key, column, seed): deterministic per key.
     "zeros" starts rows at 0.
   seed, init_scale: may be traced scalars (uint32, float32) where tables that differ only
-    in them run as one vmapped program (``dynamic.DynamicEmbedding``).
+    in them run as one program (``dynamic.DynamicEmbedding`` maps over tables).
   max_probes: buckets a key may visit; past that its probe window counts as full.
   on_full: what a new admitted key does when its probe window is full: "reject" (row -1,
     counted in ``rejected``) or "evict" (replace the lowest-scored entry not used in this step
@@ -508,7 +508,7 @@ def _initial_values(spec: HashTableSpec, lo: jax.Array, hi: jax.Array) -> jax.Ar
   if spec.initializer == "zeros" or spec.dim == 0:
     return jnp.zeros((n, spec.dim), spec.dtype)
   # Wrapping uint32 arithmetic (the old `% 2**32`), so ``spec.seed`` may also be a traced
-  # scalar: dynamic.py vmaps one program over same-shaped tables with different seeds.
+  # scalar: dynamic.py runs one program over same-shaped tables with different seeds.
   seed = jnp.uint32(_INIT_SEED) + jnp.asarray(spec.seed, jnp.uint32) * jnp.uint32(0x9E3779B9)
   k = fmix32(lo ^ fmix32(hi ^ seed))
   col = jnp.arange(spec.dim, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
