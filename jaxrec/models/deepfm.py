@@ -8,7 +8,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrec.models.layers import MLP, Dense, FieldLinear, fm_second_order
+from jaxrec.models.layers import MLP, Dense, FieldLinear, concat_fields, fm_second_order
 
 
 class DeepFM(nnx.Module):
@@ -35,6 +35,6 @@ class DeepFM(nnx.Module):
   def __call__(self, dense, sparse):
     """dense [B, num_dense]; sparse [B, num_sparse, D] pooled embeddings -> logits [B, tasks]."""
     x = self.bottom(dense)
-    v = jnp.concatenate([x[:, None, :], sparse.astype(jnp.float32)], axis=1)
+    v = concat_fields([x[:, None, :], sparse.astype(jnp.float32)])
     first = self.dense_linear(dense) + self.field_linear(v)
     return first + fm_second_order(v) + self.deep(v.reshape(v.shape[0], -1))
