@@ -72,9 +72,9 @@ def _run(emb, steps: int, vocab=lambda s: 30 + 10 * s, seed: int = 0, held: bool
 
 
 def test_groups_are_formed_by_shape():
-  emb = DynamicEmbedding(TABLES, FEATURES, make_mesh((1,)))
+  emb = DynamicEmbedding(TABLES, FEATURES, make_mesh((1,)), group_tables=True)
   assert sorted(map(sorted, emb.groups.values())) == [["a", "b"], ["c"], ["e", "f"]]
-  alone = DynamicEmbedding(TABLES, FEATURES, make_mesh((1,)), group_tables=False)
+  alone = DynamicEmbedding(TABLES, FEATURES, make_mesh((1,)))
   assert sorted(map(tuple, alone.groups.values())) == [(n,) for n in "abcef"]
 
 
