@@ -78,6 +78,7 @@ def test_groups_are_formed_by_shape():
   assert sorted(map(tuple, alone.groups.values())) == [(n,) for n in "abcef"]
 
 
+@pytest.mark.slow  # grouping is opt-in; 9 engine programs on 8 devices: ~1 min of CPU
 @pytest.mark.parametrize("shape", [(8,)])
 def test_grouped_tables_equal_one_program_per_table(shape):
   grouped, s_g = _run(_engine(tuple(TABLES), shape), 4, held=False)
