@@ -50,7 +50,6 @@ def main():
   from jaxrec.distributed.mesh import make_mesh
   from jaxrec.train.state import place_state
   from jaxrec.train.step import jit_steps
-  from jaxrec.embedding.dynamic import DynamicEmbedding
 
   c = dlrm_dynamic.get_config(a.variant)
   if "dynamic_min_vocab" in c.embedding:
@@ -61,13 +60,9 @@ def main():
   mesh = make_mesh((a.devices,))
 
   def measure(group: bool) -> dict:
+    c.embedding.dynamic_group_tables = group
     emb = builders.embedding_plan(stream.layout, cards, c.embedding, c.model.embedding_dim,
                                   mesh=mesh, batch_size=c.data.batch_size)
-    if not group:
-      if not isinstance(emb, DynamicEmbedding):
-        sys.exit("--group_tables=0 needs an all-dynamic model (--dynamic_min_vocab=0)")
-      emb = DynamicEmbedding(list(emb.table_specs.values()), emb.features, mesh,
-                             group_tables=False)
     model = builders.build_model(c.model, c.data.num_dense, stream.layout.num_features, c.seed)
     tx = builders.dense_optimizer(c.optimizer, 1000)
     graphdef, state = loop.init_state(c, emb, model, tx)

@@ -51,7 +51,8 @@ class MixedEmbedding(MeshEngine):
   is_mixed = True
 
   def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec], mesh, *,
-               batch_size: int = 1, capacity_factor: float | None = None, **planner):
+               batch_size: int = 1, capacity_factor: float | None = None,
+               group_tables: bool = False, **planner):
     tables, features = list(tables), list(features)
     validate(tables, features)
     self.mesh = mesh
@@ -81,7 +82,7 @@ class MixedEmbedding(MeshEngine):
         batch_size=batch_size, capacity_factor=capacity_factor, **planner)
     self.dynamic = DynamicEmbedding(
         [t for t in tables if t.dynamic is not None], pick(self.dynamic_features), mesh,
-        capacity_factor=capacity_factor)
+        capacity_factor=capacity_factor, group_tables=group_tables)
     self.specs = self.dynamic.specs
     self.groups = self.dynamic.groups
     self.feature_dims = tuple(self.table_specs[f.table].dim for f in features)

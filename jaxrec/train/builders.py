@@ -98,9 +98,12 @@ def embedding_plan(layout, cardinalities, emb_cfg, dim: int, mesh=None, batch_si
                        "compressed rows are wired for static tables only (embedding.dynamic)")
     if all(t.dynamic is not None for t in tables):
       return DynamicEmbedding(tables, features, mesh, batch_size=batch_size,
-                              capacity_factor=emb_cfg.get("capacity_factor", None))
+                              capacity_factor=emb_cfg.get("capacity_factor", None),
+                              group_tables=bool(emb_cfg.get("dynamic_group_tables", False)))
     return MixedEmbedding(tables, features, mesh, batch_size=batch_size,
-                          capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
+                          capacity_factor=emb_cfg.get("capacity_factor", None),
+                          group_tables=bool(emb_cfg.get("dynamic_group_tables", False)),
+                          **planner)
   return ShardedEmbedding(tables, features, mesh, batch_size=batch_size,
                           capacity_factor=emb_cfg.get("capacity_factor", None), **planner)
 
