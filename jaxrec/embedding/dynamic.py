@@ -250,14 +250,6 @@ class DynamicEmbedding(MeshEngine):
   def check_batch(self, batch: Batch) -> Batch:
     return batch  # dynamic tables take every 64-bit ID
 
-  def _check_batch_shape(self, ids):
-    if ids.ndim != 3 or ids.shape[1] != self.layout.num_columns or ids.shape[2] != 2:
-      raise ValueError(f"ids must be [batch, {self.layout.num_columns}, 2] uint32 (lo, hi) "
-                       f"pairs for features {self.layout.names}; got shape {ids.shape}")
-    if ids.shape[0] % self.num_devices:
-      raise ValueError(f"batch size {ids.shape[0]} is not divisible by the {self.num_devices} "
-                       "devices of the mesh")
-
   # ---- one program per group -----------------------------------------------------------------
 
   def _map_tables(self, g: TableGroup, fn, *args):
