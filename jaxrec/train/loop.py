@@ -28,14 +28,13 @@ def _say(msg: str):
 
 
 def _data_sources(config):
-  """(synthetic stream, vocabularies) of a config whose data source is the generator: the
-  benchmarks build their steps from it (the loop itself reads ``sources.open_data``)."""
-  d = config.data
-  if d.source != "synthetic":
-    raise ValueError(f"config.data.source={d.source!r}: this entry point reads the synthetic "
-                     "stream only")
-  stream = builders.synthetic_stream(d)
-  return stream, stream.config.cardinalities
+  """(synthetic stream, vocabularies) of a generator-sourced config, for the benchmarks that
+  build their own steps (the loop itself reads ``sources.open_data``)."""
+  if config.data.source != "synthetic":
+    raise ValueError(f"config.data.source={config.data.source!r}: this entry point reads the "
+                     "synthetic stream only")
+  data = sources.SyntheticData(config.data)
+  return data.stream, data.cardinalities
 
 
 def init_state(config, emb, model, tx) -> tuple:
