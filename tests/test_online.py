@@ -158,7 +158,7 @@ def test_user_errors(tmp_path):
 
 
 _WRITER = """
-import sys, numpy as np
+import sys, time, numpy as np
 from jaxrec.data.online import OnlineFeatureStore
 store = OnlineFeatureStore(sys.argv[1])
 keys = np.arange(int(sys.argv[2]), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
@@ -166,6 +166,7 @@ for gen in range(2, 2 + int(sys.argv[3])):
   n = len(keys)
   store.put(keys, np.full((n, 6), gen, np.float32), gen=np.full(n, gen), ctr=np.zeros(n),
             age=np.zeros(n))
+  time.sleep(0.2)  # paced commits: a reader slowed by a busy machine still overlaps several
 """
 
 
