@@ -5,12 +5,18 @@
   python benchmarks/dlrm_throughput.py --torchrec_python=/work/torchrec-venv/bin/python
   python benchmarks/dlrm_throughput.py --torchrec_python=... --torchrec_both  # stock + tuned
   python benchmarks/dlrm_throughput.py --preset=kaggle_gpu          # on a GPU
+  python benchmarks/dlrm_throughput.py --nohuge_pages               # 4 KiB pages for both
 
 Data is generated (uniform or Zipf IDs, log-normal dense features) before timing and cycled;
 each of --windows timed windows runs --steps_per_window full train steps (forward, backward,
 dense optax update, sparse row-wise update) after --warmup steps; the median window is
 reported. With --torchrec_python, benchmarks/torchrec_dlrm.py runs in that interpreter on the
 same configuration right after, and the ratio is reported (TorchRec is never a dependency).
+
+Like experiments/train.py, the benchmark first restarts itself with glibc's transparent-huge-page
+tunable where the kernel gives huge pages only on request (jaxrec/hugepages.py); TorchRec's
+process inherits the same environment, so both frameworks run with the same pages. The JSON's
+``huge_pages`` says which it was.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ flags.DEFINE_string("torchrec_python", None,
 flags.DEFINE_integer("torch_threads", 0, "threads for TorchRec (0: all cores)")
 flags.DEFINE_bool("torchrec_malloc_tuning", False,
                   "pass --malloc_tuning to TorchRec (glibc thresholds: its strongest CPU setting)")
+flags.DEFINE_bool("huge_pages", True,
+                  "restart with glibc's THP tunable (both frameworks) where THP is madvise-only")
 flags.DEFINE_bool("torchrec_both", False,
                   "run TorchRec twice, stock and with --malloc_tuning, and compare with both")
 
@@ -146,6 +154,8 @@ def run_torchrec(cfg: dict, malloc_tuning: bool) -> dict:
 
 def main(argv):
   del argv
+  from jaxrec import hugepages
+  hugepages.reexec_with_huge_pages(FLAGS.huge_pages)
   cfg = {k: getattr(FLAGS, k) for k in (
       "batch_size", "embedding_dim", "num_tables", "rows_per_table", "max_rows", "bottom_mlp",
       "top_mlp", "optimizer", "learning_rate", "compute_dtype", "ids", "warmup",
@@ -156,6 +166,7 @@ def main(argv):
     for k, v in _PRESETS[FLAGS.preset].items():
       if not FLAGS[k].present:
         cfg[k] = v
+  huge = hugepages.active()
   results = [run_jaxrec(cfg)]
   if FLAGS.torchrec_python:
     if cfg["compute_dtype"] != "float32" or not cfg["rows_per_table"]:
@@ -167,7 +178,8 @@ def main(argv):
       results.append(r)
   print(f"\nDLRM training throughput — batch {cfg['batch_size']}, dim {cfg['embedding_dim']}, "
         f"{cfg['num_tables']} tables, MLPs {cfg['bottom_mlp']} / {cfg['top_mlp']}, "
-        f"optimizer {cfg['optimizer']}, {cfg['compute_dtype']}, {platform.processor() or platform.machine()}")
+        f"optimizer {cfg['optimizer']}, {cfg['compute_dtype']}, "
+        f"{platform.processor() or platform.machine()}, huge pages {'on' if huge else 'off'}")
   print(f"{'framework':<16} {'samples/s (median)':>20} {'windows':>40}")
   for r in results:
     ws = ", ".join(f"{w:,.0f}" for w in r["window_samples_per_s"])
@@ -175,7 +187,7 @@ def main(argv):
   summary = dict(cfg, samples_per_s=results[0]["samples_per_s"],
                  window_samples_per_s=results[0]["window_samples_per_s"],
                  device=results[0]["device"], num_devices=results[0]["num_devices"],
-                 compile_s=results[0]["compile_s"])
+                 compile_s=results[0]["compile_s"], huge_pages=huge)
   for r in results[1:]:
     key = r["framework"].replace("+", "_")
     summary[f"{key}_samples_per_s"] = r["samples_per_s"]

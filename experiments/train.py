@@ -17,7 +17,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ml_collections import config_flags
 
-from jaxrec import distributed
+from jaxrec import distributed, hugepages
 from jaxrec.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file",
@@ -29,16 +29,21 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..n-1")
 _LOCAL_DEVICES = flags.DEFINE_integer(
     "local_device_count", None, "devices this process drives (CPU: how many to fake)")
+_HUGE_PAGES = flags.DEFINE_bool(
+    "huge_pages", True, "on Linux with madvise-only transparent huge pages, restart once with "
+    "glibc's THP tunable so host-memory tables get 2 MiB pages (jaxrec/hugepages.py)")
 
 
 def main(argv):
   del argv
+  hugepages.reexec_with_huge_pages(_HUGE_PAGES.value)   # returns unless a restart is needed
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # progress lines only; --verbosity=0 shows INFO
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _LOCAL_DEVICES.value)
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if distributed.is_main_process():
+    summary["huge_pages"] = hugepages.active()
     print(json.dumps(summary))
 
 
