@@ -33,7 +33,8 @@ def _run(variant: str, workdir, **overrides) -> tuple[dict, int]:
   return summary, rows
 
 
-@pytest.mark.slow  # about 45 s on a 2-core CPU: two compiles of the whole train step
+# In the default suite (about 20 s on one core): the acceptance at a small size; the
+# full test-stream version below is slow-marked (about 150 s, a 50 s compile).
 def test_dynamic_tables_match_static_on_a_small_drifting_stream(tmp_path):
   small = {"data.preset": "kaggle", "data.synthetic.cardinalities": (3000, 60),
            "data.synthetic.num_pairs": 1,
@@ -45,7 +46,7 @@ def test_dynamic_tables_match_static_on_a_small_drifting_stream(tmp_path):
   print(f"dynamic AUC {dyn['test_auc']:.4f} ({dyn_rows} rows), static AUC "
         f"{static['test_auc']:.4f} ({static_rows} rows)")
   assert dyn["test_auc"] > 0.6
-  assert dyn["test_auc"] >= static["test_auc"] - 0.01
+  assert dyn["test_auc"] >= static["test_auc"] - 0.005
   assert dyn_rows < static_rows
 
 
