@@ -40,6 +40,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxrec import hugepages  # noqa: E402
 from jaxrec.distributed.mesh import make_mesh  # noqa: E402
 from jaxrec.embedding import routing  # noqa: E402
 from jaxrec.embedding.sharded import ShardedEmbedding  # noqa: E402
@@ -63,6 +64,9 @@ def parse():
   p.add_argument("--skip_naive", action="store_true")
   p.add_argument("--copy_bandwidth", action="store_true",
                  help="also measure device copy bandwidth and plain jnp.take gather rate")
+  p.add_argument("--huge_pages", action=argparse.BooleanOptionalAction, default=True,
+                 help="restart with glibc's THP tunable where THP is madvise-only "
+                      "(jaxrec/hugepages.py); --no-huge_pages keeps 4 KiB pages")
   return p.parse_args()
 
 
@@ -187,6 +191,7 @@ def copy_and_gather(args):
 
 def main():
   args = parse()
+  hugepages.reexec_with_huge_pages(args.huge_pages)
   lookups = args.batch * args.features
   dev0 = jax.devices()[0]
   print(f"device: {dev0.platform} {dev0.device_kind} x{jax.device_count()}; {args.features} "
@@ -238,6 +243,7 @@ def main():
     print(f"copy bandwidth {bw / 1e9:,.0f} GB/s; plain jnp.take {take_rate / 1e6:,.0f} M rows/s; "
           f"engine = {summary['engine_fraction_of_copy_bw']:.1%} of copy bandwidth "
           "(5 row transfers per lookup)")
+  summary["huge_pages"] = hugepages.active()
   print(json.dumps(summary))
 
 
