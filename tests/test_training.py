@@ -81,13 +81,16 @@ def test_cli_rejects_unknown_override(tmp_path):
 
 def test_cli_resumes_from_its_snapshot(tmp_path):
   """A second run in the same workdir restores the final snapshot (tables, slots, dense params,
-  data position): it trains no step and evaluates the identical model."""
+  data position): it trains no step and evaluates the identical model. It also loads the train
+  step from the first run's persistent compilation cache instead of compiling it again."""
+  cache = tmp_path / "xla_cache"
   args = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
           "--config=" + os.path.join(ROOT, "experiments", "configs", "dlrm_synthetic.py") + ":tiny",
           "--config.data.train_examples=20480", "--config.data.eval_examples=8192",
           "--config.log_every_steps=5", "--config.checkpoint.every_steps=5",
-          f"--workdir={tmp_path}"]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+          f"--workdir={tmp_path}", f"--compile_cache_dir={cache}", "--verbosity=1"]
+  # Cache every compile, however short (the default skips those under a second).
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   first = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
   assert first.returncode == 0, first.stderr[-2000:]
   versions = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -99,3 +102,7 @@ def test_cli_resumes_from_its_snapshot(tmp_path):
   a = json.loads(first.stdout.strip().splitlines()[-1])
   b = json.loads(second.stdout.strip().splitlines()[-1])
   assert a["test_auc"] == b["test_auc"] and a["test_logloss"] == b["test_logloss"]
+  assert any(p.name.startswith("jit_train_step-") for p in cache.iterdir())
+  assert "cache miss for 'jit_train_step'" in first.stderr.lower()
+  assert "cache miss for 'jit_train_step'" not in second.stderr.lower()
+  assert "cache hit for 'jit_train_step'" in second.stderr.lower()
