@@ -437,11 +437,12 @@ def _probe(spec, buckets, keys, lo, hi, home, step, tag, active):
   return row, pos
 
 
-def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None):
+def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_misses=False):
   """Rows of the keys (-1 if absent), the probe histogram, and the sketch counting misses.
 
-  Also returns the compacted positions of the queries that missed in their home bucket's
-  first tag candidate, which ``find_or_insert`` reuses, and the keys' hashes.
+  Also returns the keys' hashes and compacted positions with their count: of the queries
+  that missed in their home bucket's first tag candidate, or with ``collect_misses`` of the
+  valid queries whose key is absent (ascending either way; ``find_or_insert`` inserts them).
   """
   n = lo.shape[0]
   home, step, rot, tag = _hashes(spec, lo, hi)
@@ -463,7 +464,7 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None):
   counting = sketch is not None and sketch.shape[0] > 0
 
   def chunk_body(c, carry):
-    rows, hist, sketch = carry
+    rows, hist, sketch, misses, n_misses = carry
     i = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
     inrange = c * chunk + jnp.arange(chunk) < n_more
     # The barrier keeps XLA from fusing these batch-wide gathers into the probe loop's body,
@@ -474,12 +475,24 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None):
     found = inrange & (crow >= 0)
     rows = rows.at[jnp.where(found, i, n)].set(crow, mode="drop")
     hist = hist + _histogram(cpos, found)
+    miss = inrange & ~found
     if counting:
-      sketch = admission_lib.sketch_add(sketch, clo, chi, inrange & ~found)
-    return rows, hist, sketch
+      sketch = admission_lib.sketch_add(sketch, clo, chi, miss)
+    if collect_misses:
+      # Append this chunk's misses: the insert loop then walks only absent keys, so its
+      # chunks hold ~all new keys instead of ~all home-bucket misses.
+      rank = lax.associative_scan(jnp.add, miss.astype(jnp.int32)) - 1
+      at = jnp.where(miss, n_misses + rank, misses.shape[0])
+      misses = misses.at[at].set(i, mode="drop", unique_indices=True)
+      n_misses = n_misses + jnp.sum(miss, dtype=jnp.int32)
+    return rows, hist, sketch, misses, n_misses
 
   n_chunks = (n_more + chunk - 1) // chunk
-  rows, hist, sketch = lax.fori_loop(0, n_chunks, chunk_body, (rows, hist0, sketch))
+  misses = jnp.zeros_like(order) if collect_misses else jnp.zeros((0,), jnp.int32)
+  carry = (rows, hist0, sketch, misses, jnp.zeros_like(n_more))
+  rows, hist, sketch, misses, n_misses = lax.fori_loop(0, n_chunks, chunk_body, carry)
+  if collect_misses:
+    order, n_more = misses, n_misses
   return rows, hist, sketch, order, n_more, (home, step, rot, tag)
 
 
@@ -652,8 +665,8 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   if adm is not None and adm.uses_rng and rng is None:
     raise ValueError(f"hash table {spec.name!r}: its admission policy has probability "
                      f"{adm.probability} < 1, so find_or_insert needs rng=")
-  rows, hist, sketch, order, n_more, (home, step_h, rot, tag) = _lookup(
-      spec, state.buckets, state.keys, lo, hi, v, chunk, state.sketch)
+  rows, hist, sketch, order, n_absent, (home, step_h, rot, tag) = _lookup(
+      spec, state.buckets, state.keys, lo, hi, v, chunk, state.sketch, collect_misses=True)
   rows, lo, hi = lax.optimization_barrier((rows, lo, hi))
   hits = jnp.sum(rows >= 0, dtype=jnp.int32)
   last_seen = state.last_seen
@@ -665,10 +678,10 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   def chunk_body(c, carry):
     tables, values, slots, rows, size, counts = carry
     i = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
-    inrange = c * chunk + jnp.arange(chunk) < n_more
+    absent = c * chunk + jnp.arange(chunk) < n_absent
     # Materialise the chunk before the loops (see the barrier in _lookup).
-    clo, chi, chome, cstep, crot, ctag, absent = lax.optimization_barrier(
-        (lo[i], hi[i], home[i], step_h[i], rot[i], tag[i], inrange & (rows[i] < 0)))
+    clo, chi, chome, cstep, crot, ctag = lax.optimization_barrier(
+        (lo[i], hi[i], home[i], step_h[i], rot[i], tag[i]))
     ok = admission_lib.admit(adm, sketch, clo, chi, rng)
     active = absent & ok
     eidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -703,7 +716,7 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
     counts = counts + jnp.stack([inserted, not_admitted, rejected, n_failures, evicted])
     return tables, values, slots, rows, size, counts
 
-  n_chunks = (n_more + chunk - 1) // chunk
+  n_chunks = (n_absent + chunk - 1) // chunk
   tables = (state.buckets, state.keys, last_seen, state.frequency)
   carry = (tables, state.values, state.slots, rows, state.size,
            jnp.zeros_like(lo, jnp.int32, shape=(5,)))
