@@ -531,12 +531,13 @@ def _initial_values(spec: HashTableSpec, lo: jax.Array, hi: jax.Array) -> jax.Ar
 
 
 def _claim_rounds(spec, phase, tables, step_now, lo, hi, home, step, rot, tag, active, eidx,
-                  row):
+                  row, pos=None, max_rounds=None):
   """Claim rounds of one chunk; phase 0 takes free slots, phase 1 replaces unused entries.
 
-  tables: (buckets, keys, last_seen, frequency). Returns the new tables, each entry's row and
-  probe position, which entries took a slot, which ran out of window, and (phase 1) the keys
-  they replaced.
+  tables: (buckets, keys, last_seen, frequency). Entries start at probe position ``pos``
+  (default 0) and stop after ``max_rounds`` rounds (default: when all are done). Returns the
+  new tables, each entry's row and probe position, which entries took a slot, which ran out
+  of window, (phase 1) the keys they replaced, and which are still active.
   """
   n = lo.shape[0]
   nb = spec.num_buckets
@@ -546,10 +547,11 @@ def _claim_rounds(spec, phase, tables, step_now, lo, hi, home, step, rot, tag, a
   frequency = tables[3]
 
   def cond(c):
-    return jnp.any(c[1])
+    more = jnp.any(c[1])
+    return more if max_rounds is None else more & (c[-1] < max_rounds)
 
   def body(c):
-    (buckets, keys, last_seen), active, pos, row, won, exhausted, vlo, vhi = c
+    (buckets, keys, last_seen), active, pos, row, won, exhausted, vlo, vhi, rounds = c
     b = _bucket_at(spec, home, step, pos)
     cand, live, _, brow = _read_bucket(buckets, b, tag)
     match = _match(keys, b, jnp.where(active, cand, jnp.uint32(0)), lo, hi)
@@ -597,14 +599,56 @@ def _claim_rounds(spec, phase, tables, step_now, lo, hi, home, step, rot, tag, a
     out = advance & (pos >= limit)
     exhausted = exhausted | out
     active = active & ~matched & ~win & ~out
-    return (buckets, keys, last_seen), active, pos, row, won, exhausted, vlo, vhi
+    return (buckets, keys, last_seen), active, pos, row, won, exhausted, vlo, vhi, rounds + 1
 
   z = jnp.zeros_like(lo, bool)
   zu = jnp.zeros_like(lo)
-  c = (tables[:3], active, jnp.zeros_like(lo, jnp.int32), row, z, z, zu, zu)
-  (buckets, keys, last_seen), _, pos, row, won, exhausted, vlo, vhi = lax.while_loop(
+  pos = jnp.zeros_like(lo, jnp.int32) if pos is None else pos
+  c = (tables[:3], active, pos, row, z, z, zu, zu, jnp.zeros((), jnp.int32))
+  (buckets, keys, last_seen), active, pos, row, won, exhausted, vlo, vhi, _ = lax.while_loop(
       cond, body, c)
-  return (buckets, keys, last_seen, frequency), row, pos, won, exhausted, vlo, vhi
+  return (buckets, keys, last_seen, frequency), row, pos, won, exhausted, vlo, vhi, active
+
+
+def _claim_free_slots(spec, tables, step_now, lo, hi, home, step, rot, tag, active, eidx,
+                      row):
+  """Phase-0 claim rounds of one chunk, narrowing as keys settle.
+
+  Every round costs the chunk's full width, but after the first only ~15% of the keys are
+  still looking at load factor 0.5 (lost a race or met a full bucket) and ~1% after the
+  second. So one full-width round, then the rest compacted (in the same order, so the same
+  priorities) into sub-chunks of an eighth, each run to completion in turn. Same results as
+  one loop over everything would give, except which free slot a key takes when a key of an
+  earlier sub-chunk took the one it would have won (both deterministic).
+  """
+  n = lo.shape[0]
+  sub = n // 8
+  if sub < 8:
+    return _claim_rounds(spec, 0, tables, step_now, lo, hi, home, step, rot, tag, active, eidx,
+                         row)[:5]
+  tables, row, pos, won, exhausted, _, _, left = _claim_rounds(
+      spec, 0, tables, step_now, lo, hi, home, step, rot, tag, active, eidx, row, max_rounds=1)
+  order, n_left = _compact(left, sub)
+
+  def sub_body(k, carry):
+    tables, row, pos, won, exhausted = carry
+    j = lax.dynamic_slice_in_dim(order, k * sub, sub)
+    inrange = k * sub + jnp.arange(sub) < n_left
+    # Materialised before the loop, as in _lookup.
+    slo, shi, shome, sstep, srot, stag, seidx, spos, srow = lax.optimization_barrier(
+        (lo[j], hi[j], home[j], step[j], rot[j], tag[j], eidx[j], pos[j], row[j]))
+    tables, srow, spos, swon, sexh, _, _, _ = _claim_rounds(
+        spec, 0, tables, step_now, slo, shi, shome, sstep, srot, stag, inrange, seidx, srow,
+        pos=spos)
+    at = jnp.where(inrange, j, n)
+    row = row.at[at].set(srow, mode="drop", unique_indices=True)
+    pos = pos.at[at].set(spos, mode="drop", unique_indices=True)
+    won = won.at[at].set(swon, mode="drop", unique_indices=True)
+    exhausted = exhausted.at[at].set(sexh, mode="drop", unique_indices=True)
+    return tables, row, pos, won, exhausted
+
+  return lax.fori_loop(0, (n_left + sub - 1) // sub, sub_body,
+                       (tables, row, pos, won, exhausted))
 
 
 def _add_chain(spec, buckets, home, step, npos, delta: int):
@@ -686,8 +730,8 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
     active = absent & ok
     eidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
     crow = jnp.full_like(clo, -1, jnp.int32)
-    tables, crow, pos, won, exhausted, _, _ = _claim_rounds(
-        spec, 0, tables, step_now, clo, chi, chome, cstep, crot, ctag, active, eidx, crow)
+    tables, crow, pos, won, exhausted = _claim_free_slots(
+        spec, tables, step_now, clo, chi, chome, cstep, crot, ctag, active, eidx, crow)
     n_failures = jnp.sum(exhausted, dtype=jnp.int32)
     buckets, ckeys, last_seen, frequency = tables
     buckets = _add_chain(spec, buckets, chome, cstep, jnp.where(won, pos, 0), +1)
@@ -697,7 +741,7 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
       # No lax.cond here: XLA copies every table a conditional carries. With no full probe
       # window, the loops below run zero rounds.
       tables = (buckets, ckeys, last_seen, frequency)
-      tables, crow, pos1, won1, _, vlo, vhi = _claim_rounds(
+      tables, crow, pos1, won1, _, vlo, vhi, _ = _claim_rounds(
           spec, 1, tables, step_now, clo, chi, chome, cstep, crot, ctag, exhausted, eidx, crow)
       buckets, ckeys, last_seen, frequency = tables
       vb = _bucket_at(spec, chome, cstep, pos1)
