@@ -366,8 +366,12 @@ def _next_pow2(n: int) -> int:
 
 
 def _default_chunk(n: int) -> int:
-  """Chunk for the compacted second phase: an eighth of the batch, at least 1024."""
-  return min(_next_pow2(max(n, 1)), max(1024, _next_pow2(-(-n // 8))))
+  """Chunk for the compacted second phase: a 32nd of the batch, at least 1024.
+
+  Narrow chunks waste less width on the last, partly filled one and on keys that settle
+  early; at 10^6 keys, 2^15 ran find_or_insert ~15% faster than 2^17 (lf 0.5 and 0.9).
+  """
+  return min(_next_pow2(max(n, 1)), max(1024, _next_pow2(-(-n // 32))))
 
 
 def _flatten_keys(spec: HashTableSpec, keys: jax.Array, valid: jax.Array | None):
@@ -695,7 +699,7 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   step:  the current training step (int32): stamped into last_seen of every row looked up.
   valid: optional bool [...]; invalid queries (padding) return -1 and touch nothing.
   rng:   needed only when the admission policy has probability < 1.
-  chunk: static size of the compacted second phase (default: an eighth of the batch).
+  chunk: static size of the compacted second phase (default: a 32nd of the batch).
 
   Returns (new state, rows int32 [...] with -1 for not admitted / rejected, stats).
   Every looked-up row gets frequency += 1 per query and last_seen = step; new rows get their
