@@ -26,12 +26,13 @@ so lookups do not slow down under churn.
 ``find_or_insert`` runs in three steps (see PERF-NOTES.md):
   1. one probe of every query's home bucket (most hits end here);
   2. the rest, compacted into fixed-size chunks, finish probing (and count themselves in the
-     admission sketch);
-  3. claim rounds for the still-absent admitted keys, chunk by chunk: each proposes a free
-     slot of its current bucket; races are settled by scatter-min of the query's position, so
-     the outcome is deterministic; losers retry the same bucket, keys meeting a full bucket
-     move on. Copies of one new key walk in lockstep and the later ones find the winner's
-     key, so the batch needs no separate dedup.
+     admission sketch); the still-absent ones are collected, in batch order;
+  3. claim rounds for the absent admitted keys, chunk by chunk: each proposes a free slot of
+     its current bucket; races are settled by scatter-min of the query's position, so the
+     outcome is deterministic; losers retry the same bucket, keys meeting a full bucket move
+     on. After the first round the keys still looking continue in narrower sub-chunks.
+     Copies of one new key walk in lockstep and the later ones find the winner's key, so the
+     batch needs no separate dedup.
 
 A full probe window never loses a key silently: per ``HashTableSpec.on_full`` the key either
 replaces an entry not used in this step (the lowest-scored, LRU or LFU, of the first bucket
