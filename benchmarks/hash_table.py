@@ -5,7 +5,7 @@ IDs, then batches of --batch queries: ~90% present IDs drawn Zipf(--zipf) over a
 of the present ones, the rest new random IDs (fewer when the table lacks room for them; the
 printed table gives the real fraction). Measured, keys/s, median of --reps timed calls after
 --warmup untimed ones (compile excluded), every call on a fresh copy of the same pre-filled
-state (copies are not timed):
+state (copies, and freeing every method's results, are not timed):
 
   find             jnp, ID -> row only (read-only)
   find_or_insert   jnp, ID -> row, inserting the new IDs (metadata and new-row init included)
@@ -18,7 +18,12 @@ The JSON also holds process CPU seconds (all threads) of find_or_insert, +gather
 concat, and their ratios: on a shared, loaded machine wall time gives the 2-thread jax calls a
 larger share of the cores than the 1-thread Python baselines, so compare the CPU ratios too.
 
-Run: PYTHONPATH=. python benchmarks/hash_table.py [--quick] [--capacities=17,20,23] [--load_factors=0.5,0.9]
+--hugepages re-runs the process under GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc then asks
+for transparent huge pages on its large mmap'd chunks, which hold XLA:CPU's buffers (and the
+baselines' dict and arrays). With THP in 'madvise' mode that roughly halves the random row
+gathers and scatters of a 2 GiB table (TLB misses); it is a process setting, not table code.
+
+Run: PYTHONPATH=. python benchmarks/hash_table.py [--quick] [--hugepages] [--capacities=17,20,23] [--load_factors=0.5,0.9]
 The last line printed is one JSON object; its headline figures are at load factor 0.5, the
 largest capacity, and the given batch.
 """
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -50,6 +57,8 @@ def _parse():
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--dict_reps", type=int, default=3)
   p.add_argument("--skip_baselines", action="store_true")
+  p.add_argument("--hugepages", action="store_true",
+                 help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: capacities 2^14,2^16, batch 2^15, 2 reps")
   p.add_argument("--seed", type=int, default=0)
@@ -86,13 +95,18 @@ def _workload(rng, capacity, lf, batch, new_fraction, zipf, n_batches):
 
 
 def _time(fn, args_fn, reps, warmup):
-  """Median wall seconds and median process CPU seconds (all threads) of the timed calls."""
+  """Median wall seconds and median process CPU seconds (all threads) of the timed calls.
+
+  The result is freed after the clock stops: dropping the returned copy of a 2 GiB table
+  costs ~70 ms of munmap here, which a training loop (that keeps its state) never pays.
+  """
   ts, cs = [], []
   for r in range(warmup + reps):
     args = jax.block_until_ready(args_fn(r))
     t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    del out, args
     if r >= warmup:
       ts.append(dt)
       cs.append(dc)
@@ -135,15 +149,33 @@ def _concat_lookup(d, table, keys, dim, rng):
   return table, table.take(rows, axis=0)
 
 
+_HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def _thp_mode() -> str:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return f.read().split("[")[1].split("]")[0]
+  except (OSError, IndexError):
+    return "unknown"
+
+
 def main():
   a = _parse()
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if a.hugepages and _HUGETLB not in tunables:
+    # glibc reads its tunables at process start, so set them and start again.
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, _HUGETLB) if t))
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+  hugepages = _HUGETLB in tunables
   rng = np.random.default_rng(a.seed)
   caps = [1 << int(c) for c in a.capacities.split(",")]
   lfs = [float(x) for x in a.load_factors.split(",")]
   n_batches = a.warmup + a.reps
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{platform.processor() or platform.machine()}; batch {a.batch}, dim {a.dim}, "
-        f"zipf {a.zipf}; keys/s, median of {a.reps} (dict/concat: {a.dict_reps})")
+        f"zipf {a.zipf}; keys/s, median of {a.reps} (dict/concat: {a.dict_reps}); "
+        f"malloc huge pages {'on' if hugepages else 'off'} (THP {_thp_mode()})")
   hdr = (f"{'capacity':>9} {'lf':>4} {'new%':>5} {'find':>9} {'f_or_i':>9} {'f_or_i+g':>9} "
          f"{'find+g':>9} {'dict':>9} {'concat':>9} {'probe':>6} {'rej':>7}")
   print(hdr)
@@ -192,9 +224,10 @@ def main():
         for i in range(a.dict_reps):
           d = dict(d0)
           t0, c0 = time.perf_counter(), time.process_time()
-          _dict_lookup(d, batches[a.warmup + i])
+          out = _dict_lookup(d, batches[a.warmup + i])
           t.append(time.perf_counter() - t0)
           c.append(time.process_time() - c0)
+          del out
         r["dict_keys_per_s"] = a.batch / float(np.median(t))
         r["dict_cpu_s"] = float(np.median(c))
         table0 = rng.uniform(-0.05, 0.05, (len(present), a.dim)).astype(np.float32)
@@ -202,9 +235,10 @@ def main():
         for i in range(a.dict_reps):
           d = dict(d0)
           t0, c0 = time.perf_counter(), time.process_time()
-          _concat_lookup(d, table0, batches[a.warmup + i], a.dim, rng)
+          out = _concat_lookup(d, table0, batches[a.warmup + i], a.dim, rng)
           t.append(time.perf_counter() - t0)
           c.append(time.process_time() - c0)
+          del out
         r["concat_keys_per_s"] = a.batch / float(np.median(t))
         r["concat_cpu_s"] = float(np.median(c))
         del d0, d, table0
@@ -218,7 +252,8 @@ def main():
   head = head[0] if head else results[-1]
   out = {"benchmark": "hash_table", "device": jax.devices()[0].device_kind,
          "backend": jax.default_backend(), "batch": a.batch, "dim": a.dim,
-         "capacity": head["capacity"], "load_factor": head["load_factor"]}
+         "capacity": head["capacity"], "load_factor": head["load_factor"],
+         "hugepages": hugepages, "thp": _thp_mode()}
   for k in ("find_or_insert_keys_per_s", "find_keys_per_s", "find_or_insert_gather_keys_per_s",
             "dict_keys_per_s", "concat_keys_per_s"):
     if k in head:

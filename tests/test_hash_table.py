@@ -469,6 +469,30 @@ def test_probability_admission_is_deterministic_per_rng():
     ht.find_or_insert(spec, ht.init(spec), k)
 
 
+@pytest.mark.parametrize("on_full", ["reject", "evict"])
+def test_narrowing_claim_rounds_match_dict_model(on_full):
+  # chunk=64 runs the claim rounds' first round at width 64, then the keys still looking in
+  # sub-chunks of 8: many sub-chunks and rounds as the table fills past capacity.
+  spec = ht.HashTableSpec(name=f"narrow_{on_full}", capacity=256, dim=4, max_probes=32,
+                          on_full=on_full)
+  h = Harness(spec)
+  h.fns["foi"] = jax.jit(lambda s, k, step, v, rng: ht.find_or_insert(spec, s, k, step, v,
+                                                                      rng=rng, chunk=64))
+  rng = np.random.default_rng(5)
+  universe = np.concatenate([np.asarray(UNIVERSE, np.uint64),
+                             rng.integers(0, 2**64 - 1, 400, dtype=np.uint64, endpoint=True)])
+  for _ in range(4):
+    ids = universe[rng.integers(0, len(universe), 200)].tolist()  # with repeats
+    h.find_or_insert(ids, (rng.random(200) < 0.95).tolist())
+    h.check_state()
+    h.step += 1
+  assert h.totals["inserted"] > spec.capacity // 2
+  if on_full == "reject":
+    assert h.totals["rejected"] > 0  # the table filled up
+  else:
+    assert h.totals["evicted"] > 0
+
+
 # ------------------------------------------------------------------------------------------
 # Scale, jit and shard_map.
 
