@@ -18,12 +18,14 @@ The JSON also holds process CPU seconds (all threads) of find_or_insert, +gather
 concat, and their ratios: on a shared, loaded machine wall time gives the 2-thread jax calls a
 larger share of the cores than the 1-thread Python baselines, so compare the CPU ratios too.
 
---hugepages re-runs the process under GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc then asks
-for transparent huge pages on its large mmap'd chunks, which hold XLA:CPU's buffers (and the
-baselines' dict and arrays). With THP in 'madvise' mode that roughly halves the random row
-gathers and scatters of a 2 GiB table (TLB misses); it is a process setting, not table code.
+Like the other launchers, the benchmark first restarts itself under
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where THP is madvise-only (jaxrec/hugepages.py): glibc
+then asks for transparent huge pages on its large chunks, which hold XLA:CPU's buffers (and the
+baselines' dict and arrays). That roughly halves the random row gathers and scatters of a 2 GiB
+table (TLB misses); it is a process setting, not table code. --no-huge_pages keeps 4 KiB pages.
 
-Run: PYTHONPATH=. python benchmarks/hash_table.py [--quick] [--hugepages] [--capacities=17,20,23] [--load_factors=0.5,0.9]
+Run: PYTHONPATH=. python benchmarks/hash_table.py [--quick] [--no-huge_pages]
+       [--capacities=17,20,23] [--load_factors=0.5,0.9]
 The last line printed is one JSON object; its headline figures are at load factor 0.5, the
 largest capacity, and the given batch.
 """
@@ -32,15 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec import hugepages as hugepages_lib
 from jaxrec.embedding import hash_table as ht
 
 
@@ -57,8 +58,9 @@ def _parse():
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--dict_reps", type=int, default=3)
   p.add_argument("--skip_baselines", action="store_true")
-  p.add_argument("--hugepages", action="store_true",
-                 help="re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)")
+  p.add_argument("--huge_pages", action=argparse.BooleanOptionalAction, default=True,
+                 help="restart under glibc.malloc.hugetlb=1 where THP is madvise-only (see the "
+                      "docstring); --no-huge_pages keeps 4 KiB pages")
   p.add_argument("--quick", action="store_true",
                  help="smoke run: capacities 2^14,2^16, batch 2^15, 2 reps")
   p.add_argument("--seed", type=int, default=0)
@@ -149,25 +151,10 @@ def _concat_lookup(d, table, keys, dim, rng):
   return table, table.take(rows, axis=0)
 
 
-_HUGETLB = "glibc.malloc.hugetlb=1"
-
-
-def _thp_mode() -> str:
-  try:
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-      return f.read().split("[")[1].split("]")[0]
-  except (OSError, IndexError):
-    return "unknown"
-
-
 def main():
   a = _parse()
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if a.hugepages and _HUGETLB not in tunables:
-    # glibc reads its tunables at process start, so set them and start again.
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, _HUGETLB) if t))
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
-  hugepages = _HUGETLB in tunables
+  hugepages_lib.reexec_with_huge_pages(a.huge_pages)
+  hugepages = hugepages_lib.active()
   rng = np.random.default_rng(a.seed)
   caps = [1 << int(c) for c in a.capacities.split(",")]
   lfs = [float(x) for x in a.load_factors.split(",")]
@@ -175,7 +162,7 @@ def main():
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{platform.processor() or platform.machine()}; batch {a.batch}, dim {a.dim}, "
         f"zipf {a.zipf}; keys/s, median of {a.reps} (dict/concat: {a.dict_reps}); "
-        f"malloc huge pages {'on' if hugepages else 'off'} (THP {_thp_mode()})")
+        f"malloc huge pages {'on' if hugepages else 'off'} (THP {hugepages_lib.thp_mode()})")
   hdr = (f"{'capacity':>9} {'lf':>4} {'new%':>5} {'find':>9} {'f_or_i':>9} {'f_or_i+g':>9} "
          f"{'find+g':>9} {'dict':>9} {'concat':>9} {'probe':>6} {'rej':>7}")
   print(hdr)
@@ -253,7 +240,7 @@ def main():
   out = {"benchmark": "hash_table", "device": jax.devices()[0].device_kind,
          "backend": jax.default_backend(), "batch": a.batch, "dim": a.dim,
          "capacity": head["capacity"], "load_factor": head["load_factor"],
-         "hugepages": hugepages, "thp": _thp_mode()}
+         "huge_pages": hugepages, "thp": hugepages_lib.thp_mode()}
   for k in ("find_or_insert_keys_per_s", "find_keys_per_s", "find_or_insert_gather_keys_per_s",
             "dict_keys_per_s", "concat_keys_per_s"):
     if k in head:
