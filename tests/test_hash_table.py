@@ -676,3 +676,33 @@ def test_maybe_evict_every_k_steps_or_above_load_factor():
   s, st2 = ev(s, 15)  # due by load: the 30 keys not seen since step 11 go
   assert int(st2.evicted) == 30 and int(s.size) == 10
   assert sorted(ht.export_numpy(spec, s)["keys"].tolist()) == list(range(100, 110))
+
+
+def test_large_batches_split_in_halves_match_small_batches_and_a_dict():
+  # Batches of >= 2^15 keys run the home probe and the value gather as two halves (both
+  # cores on a CPU); the rows and values must be those of small, unsplit batches and a dict.
+  n = (1 << 15) + 1000
+  assert n >= ht._SPLIT_ROWS
+  spec = ht.HashTableSpec(name="halves", capacity=1 << 17, dim=16)
+  rng = np.random.default_rng(7)
+  both = np.unique(rng.integers(1, 2**63, size=2 * n + 100, dtype=np.uint64))
+  both = rng.permutation(both)[:n + n // 2]
+  ids, absent = both[:n], both[n:]
+  foi = jax.jit(ht.find_or_insert, static_argnums=0)
+  state, rows, stats = foi(spec, ht.init(spec), pairs(ids), 0)
+  rows = np.asarray(rows)
+  assert int(stats.inserted) == n and (rows >= 0).all() and len(set(rows.tolist())) == n
+  table = dict(zip(ids.tolist(), rows.tolist()))
+  # Half present (shuffled, some twice), half absent.
+  query = np.concatenate([rng.choice(ids, size=n - n // 2), absent])[rng.permutation(n)]
+  want = np.asarray([table.get(k, -1) for k in query.tolist()])
+  got, _ = jax.jit(ht.find, static_argnums=0)(spec, state, pairs(query))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  small = jax.jit(ht.find, static_argnums=0)
+  pieces = [np.asarray(small(spec, state, pairs(query[i:i + 4096]))[0])
+            for i in range(0, n, 4096)]
+  np.testing.assert_array_equal(np.concatenate(pieces), want)
+  values = np.asarray(state.values)
+  vals = np.asarray(jax.jit(lambda s, r: ht.gather_values(s, r, default=7.0))(state, got))
+  ref = np.where((want >= 0)[:, None], values[np.maximum(want, 0)], np.float32(7.0))
+  np.testing.assert_array_equal(vals, ref)
