@@ -167,9 +167,13 @@ def test_killed_process_ends_the_other(tmp_path):
   assert elapsed < 60, out[-4000:]
   survivor = "\n".join(l[4:] for l in out.splitlines() if l.startswith("[0] "))
   # JAX's coordination service names the dead process (after a failed collective we wait
-  # for that verdict rather than exit without a name).
-  assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", survivor), \
-      survivor[-4000:]
+  # for that verdict rather than exit without a name). Sometimes gloo's TCP transport aborts
+  # the survivor first, on the half-received message of the killed peer (a C++ terminate
+  # no Python hook sees: about 1 run in 6 on a busy 2-core machine); then only the launcher
+  # names the dead process, which it always does.
+  named = re.search(r"unhealthy \(stopped sending heartbeats\):\s*\n\s*1\b", survivor)
+  gloo_abort = "gloo::" in survivor   # and it exited non-zero (above)
+  assert named or gloo_abort, survivor[-4000:]
   assert rc != 0
   assert "[local] run failed: process 1 was killed by signal SIGKILL" in out
 

@@ -8,7 +8,10 @@ What ends a run, and how fast (``Timeouts``):
   seconds and aborts every process (SIGABRT) with "The following tasks are unhealthy
   (stopped sending heartbeats): <i>", or, when process 0 is the one gone, "the leader task was
   preempted/died". A survivor whose collective fails first (connection reset) says so and
-  waits for that verdict (at most ``heartbeat`` + 10 s), so its log names the lost process;
+  waits for that verdict (at most ``heartbeat`` + 10 s), so its log names the lost process.
+  On CPU, gloo's TCP transport sometimes aborts the survivor first (a C++ terminate on the
+  dead peer's half-received message, which no Python hook sees): it still ends at once and
+  non-zero, and the launcher names the process that died;
 - a process raises: our exception hook says why and ends it at once (``os._exit(1)``) rather
   than waiting in the exit barrier, so its peers fail fast instead of waiting on it.
 """
