@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 
 # Configs may build on each other (`from experiments.configs import dlrm_synthetic`).
@@ -44,7 +45,6 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # progress lines only; --verbosity=0 shows INFO
   if _COMPILE_CACHE.value:
-    import jax
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILE_CACHE.value))
     jax.config.update("jax_compilation_cache_max_size", 4 << 30)   # LRU beyond 4 GiB
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

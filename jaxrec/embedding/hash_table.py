@@ -452,12 +452,14 @@ _SPLIT_ROWS = 1 << 15
 
 
 def _in_halves(fn, *args):
-  """``fn(*args)`` on [n, ...] arrays, computed as two independent halves when n is large."""
+  """``fn(*args)`` on [n, ...] arrays, materialised, as two independent halves when n is large.
+
+  The barriers keep each result a separate loop: fused into a consumer (a select, or the
+  halves' concatenation) XLA:CPU would run it element by element again, or as one loop.
+  """
   n = args[0].shape[0]
   if n < _SPLIT_ROWS:
-    return fn(*args)
-  # The barriers keep the halves two separate loops: fused into their concatenation they
-  # would run as one again.
+    return lax.optimization_barrier(fn(*args))
   a = lax.optimization_barrier(fn(*[x[:n // 2] for x in args]))
   b = lax.optimization_barrier(fn(*[x[n // 2:] for x in args]))
   return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
@@ -971,13 +973,8 @@ def _gather_rows(table: jax.Array, idx: jax.Array, default: int | float = 0.0) -
   n = idx.shape[0]
   tiled = dim % 8 == 0 and dim > 8
   src = table.reshape(cap, dim // 8, 8) if tiled else table
-  fill = default   # a Python scalar: the gather needs a concrete fill value
-
-  def take(i):
-    # The barrier keeps the gather a separate copy: fused into a consumer it runs element
-    # by element again.
-    return lax.optimization_barrier(src.at[i].get(mode="fill", fill_value=fill))
-
+  # ``default`` must be a Python scalar: the gather needs a concrete fill value.
+  take = lambda i: src.at[i].get(mode="fill", fill_value=default)
   return _in_halves(take, idx).reshape(n, dim)
 
 
