@@ -8,14 +8,17 @@ printed table gives the real fraction). Measured, keys/s, median of --reps timed
 state (copies, and freeing every method's results, are not timed):
 
   find             jnp, ID -> row only (read-only)
-  find_or_insert   jnp, ID -> row, inserting the new IDs (metadata and new-row init included)
-  +gather          the same followed by the dim-wide value gather of every query's row
+  find_or_insert   jnp, the ID -> row mapping alone, inserting the new IDs: a table with no
+                   value rows (dim 0), frequency and last-seen metadata kept as by default
+  f_or_i dim       the same on the dim-wide table: new rows' initial values written too
+  +gather          that followed by the dim-wide value gather of every query's row
   dict             Python dict ID -> row, inserting new IDs (setdefault-style loop)
   concat           dict + new rows concatenated onto a numpy table each batch + np.take
   probe            mean buckets visited per hit; rej: keys rejected for lack of room
 
-The JSON also holds process CPU seconds (all threads) of find_or_insert, +gather, dict and
-concat, and their ratios: on a shared, loaded machine wall time gives the 2-thread jax calls a
+The dict is the mapping-alone baseline of find_or_insert (and of f_or_i dim, which does more),
+the concatenation that of +gather. The JSON also holds process CPU seconds (all threads) of
+find_or_insert, +gather, dict and concat, and their ratios: on a shared, loaded machine wall time gives the 2-thread jax calls a
 larger share of the cores than the 1-thread Python baselines, so compare the CPU ratios too.
 
 Like the other launchers, the benchmark first restarts itself under
@@ -33,6 +36,7 @@ largest capacity, and the given batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -163,7 +167,8 @@ def main():
         f"{platform.processor() or platform.machine()}; batch {a.batch}, dim {a.dim}, "
         f"zipf {a.zipf}; keys/s, median of {a.reps} (dict/concat: {a.dict_reps}); "
         f"malloc huge pages {'on' if hugepages else 'off'} (THP {hugepages_lib.thp_mode()})")
-  hdr = (f"{'capacity':>9} {'lf':>4} {'new%':>5} {'find':>9} {'f_or_i':>9} {'f_or_i+g':>9} "
+  hdr = (f"{'capacity':>9} {'lf':>4} {'new%':>5} {'find':>9} {'f_or_i':>9} {'f_or_i dim':>10} "
+         f"{'f_or_i+g':>9} "
          f"{'find+g':>9} {'dict':>9} {'concat':>9} {'probe':>6} {'rej':>7}")
   print(hdr)
   results = []
@@ -181,6 +186,13 @@ def main():
       # Return the new state, as a train step does: a donated table that is not an output
       # cannot be updated in place, and XLA then copies it.
       foi = jax.jit(lambda st, q: ht.find_or_insert(spec, st, q, 1), donate_argnums=0)
+      # The mapping alone: the same keys and metadata, no value rows.
+      spec0 = dataclasses.replace(spec, dim=0)
+      foi0 = jax.jit(lambda st, q: ht.find_or_insert(spec0, st, q, 1), donate_argnums=0)
+
+      def fresh0(r):
+        st = jax.tree.map(jnp.copy, dataclasses.replace(base, values=base.values[:, :0]))
+        return st, qs[r]
 
       def foi_g(st, q):
         st, rows, stats = ht.find_or_insert(spec, st, q, 1)
@@ -192,6 +204,7 @@ def main():
         rows, stats = ht.find(spec, st, q)
         return rows, ht.gather_values(st, rows)
       fnd_g = jax.jit(fnd_g)
+      t_foi0, c_foi0 = _time(foi0, fresh0, a.reps, a.warmup)
       t_foi, c_foi = _time(foi, fresh, a.reps, a.warmup)
       t_foig, c_foig = _time(foi_g, fresh, a.reps, a.warmup)
       t_find, _ = _time(fnd, lambda r: (base, qs[r]), a.reps, a.warmup)
@@ -199,10 +212,12 @@ def main():
       _, _, stats = foi(*fresh(0))
       rej = int(stats.rejected)
       r = {"capacity": cap, "load_factor": lf, "new_fraction": new_frac,
-           "find_keys_per_s": a.batch / t_find, "find_or_insert_keys_per_s": a.batch / t_foi,
+           "find_keys_per_s": a.batch / t_find, "find_or_insert_keys_per_s": a.batch / t_foi0,
+           "find_or_insert_dim_keys_per_s": a.batch / t_foi,
            "find_or_insert_gather_keys_per_s": a.batch / t_foig,
            "find_gather_keys_per_s": a.batch / t_findg, "rejected": rej,
-           "find_or_insert_cpu_s": c_foi, "find_or_insert_gather_cpu_s": c_foig,
+           "find_or_insert_cpu_s": c_foi0, "find_or_insert_dim_cpu_s": c_foi,
+           "find_or_insert_gather_cpu_s": c_foig,
            "probe_mean": float(stats.probe_mean)}
       del base
       if not a.skip_baselines:
@@ -232,7 +247,8 @@ def main():
       results.append(r)
       f = lambda k: f"{r[k] / 1e6:8.2f}M" if k in r else f"{'-':>9}"
       print(f"{cap:>9} {lf:>4} {100 * new_frac:5.1f} {f('find_keys_per_s')} "
-            f"{f('find_or_insert_keys_per_s')} {f('find_or_insert_gather_keys_per_s')} "
+            f"{f('find_or_insert_keys_per_s')} {f('find_or_insert_dim_keys_per_s'):>10} "
+            f"{f('find_or_insert_gather_keys_per_s')} "
             f"{f('find_gather_keys_per_s')} {f('dict_keys_per_s')} {f('concat_keys_per_s')} "
             f"{r['probe_mean']:6.2f} {rej:>7}", flush=True)
   head = [r for r in results if r["load_factor"] == 0.5 and r["capacity"] == max(caps)]
@@ -241,17 +257,21 @@ def main():
          "backend": jax.default_backend(), "batch": a.batch, "dim": a.dim,
          "capacity": head["capacity"], "load_factor": head["load_factor"],
          "huge_pages": hugepages, "thp": hugepages_lib.thp_mode()}
-  for k in ("find_or_insert_keys_per_s", "find_keys_per_s", "find_or_insert_gather_keys_per_s",
-            "dict_keys_per_s", "concat_keys_per_s"):
+  for k in ("find_or_insert_keys_per_s", "find_keys_per_s", "find_or_insert_dim_keys_per_s",
+            "find_or_insert_gather_keys_per_s", "dict_keys_per_s", "concat_keys_per_s"):
     if k in head:
       out[k] = round(head[k])
   if "dict_keys_per_s" in head:
     out["speedup_vs_dict"] = round(head["find_or_insert_keys_per_s"] / head["dict_keys_per_s"], 2)
+    out["dim_speedup_vs_dict"] = round(
+        head["find_or_insert_dim_keys_per_s"] / head["dict_keys_per_s"], 2)
     out["gather_speedup_vs_concat"] = round(
         head["find_or_insert_gather_keys_per_s"] / head["concat_keys_per_s"], 2)
     # On a loaded machine wall time favours the 2-thread jax calls over 1-thread Python;
     # the CPU-time ratios (work done, all threads summed) are the conservative figures.
     out["cpu_speedup_vs_dict"] = round(head["dict_cpu_s"] / head["find_or_insert_cpu_s"], 2)
+    out["cpu_dim_speedup_vs_dict"] = round(head["dict_cpu_s"] / head["find_or_insert_dim_cpu_s"],
+                                           2)
     out["cpu_gather_speedup_vs_concat"] = round(
         head["concat_cpu_s"] / head["find_or_insert_gather_cpu_s"], 2)
   out["all"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}

@@ -24,9 +24,12 @@ went on from there. Counting instead of tombstones means erase and eviction leav
 so lookups do not slow down under churn.
 
 ``find_or_insert`` runs in three steps (see PERF-NOTES.md):
-  1. one probe of every query's home bucket (most hits end here);
-  2. the rest, compacted into fixed-size chunks, finish probing (and count themselves in the
-     admission sketch); the still-absent ones are collected, in batch order;
+  1. one probe of every query's home bucket (most hits end here); a miss is settled there
+     when the bucket holds no other candidate and no key went past it (most new keys);
+  2. the unsettled rest, compacted into fixed-size chunks, finish probing (with an admission
+     sketch every miss is counted, so the settled ones walk these chunks too); the absent
+     ones are collected, the settled misses first, then the others, each in batch order; the
+     metadata of the rows found is updated batch-wide;
   3. claim rounds for the absent admitted keys, chunk by chunk: each proposes a free slot of
      its current bucket; races are settled by scatter-min of the query's position, so the
      outcome is deterministic; losers retry the same bucket, keys meeting a full bucket move
@@ -410,6 +413,24 @@ def _compact(mask: jax.Array, chunk: int):
   return order, jnp.sum(mask, dtype=jnp.int32)
 
 
+def _compact_two(first: jax.Array, second: jax.Array, chunk: int):
+  """Positions of the True entries of ``first``, then those of ``second`` (disjoint masks),
+  each in order; padded to a multiple of ``chunk`` plus one more chunk, so that a chunk may
+  start anywhere in the used part. Returns (positions, count of first, count of second)."""
+  n = first.shape[0]
+  n_pad = -(-n // chunk) * chunk + chunk
+  if n == 0:
+    zero = jnp.zeros((), jnp.int32)
+    return jnp.zeros((n_pad,), jnp.int32), zero, zero
+  ranks = lax.associative_scan(jnp.add, jnp.stack([first, second], axis=1).astype(jnp.int32))
+  rf, rs = ranks[:, 0], ranks[:, 1]
+  n_first, n_second = rf[-1], rs[-1]
+  target = jnp.where(first, rf - 1, jnp.where(second, n_first + rs - 1, n_pad))
+  order = jnp.zeros((n_pad,), jnp.int32).at[target].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
+  return order, n_first, n_second
+
+
 def _histogram(pos: jax.Array, mask: jax.Array) -> jax.Array:
   bins = jnp.clip(pos, 0, PROBE_HISTOGRAM_BINS - 1)
   onehot = (bins[:, None] == jnp.arange(PROBE_HISTOGRAM_BINS)) & mask[:, None]
@@ -468,9 +489,10 @@ def _in_halves(fn, *args):
 def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_misses=False):
   """Rows of the keys (-1 if absent), the probe histogram, and the sketch counting misses.
 
-  Also returns the keys' hashes and compacted positions with their count: of the queries
-  that missed in their home bucket's first tag candidate, or with ``collect_misses`` of the
-  valid queries whose key is absent (ascending either way; ``find_or_insert`` inserts them).
+  Also returns the keys' hashes and, with ``collect_misses``, the positions of the valid
+  queries whose key is absent, with their count (``find_or_insert`` inserts them in this
+  order: the misses settled at home first, then those found absent by the full probe, each
+  part ascending; all copies of a key fall in the same part).
   """
   n = lo.shape[0]
 
@@ -484,26 +506,34 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_miss
     # Settled misses: no other tag candidate at home and nobody passed home.
     settled = (overflow == 0) | (spec.probe_limit == 1)
     settled = settled & ((cand & (cand - jnp.uint32(1))) == 0)
-    return rows, hit, settled, home, step, rot, tag
+    return rows, hit, settled
 
-  rows, hit, settled, home, step, rot, tag = _in_halves(home_probe, lo, hi, valid)
-  more = valid & ~hit
+  # The hashes stay in the halves: the loops below rehash the few keys they handle, which
+  # is cheaper than joining and gathering four more batch-wide arrays. (Returning ``hit``
+  # keeps the key gather a loop of its own: with rows its only user, XLA:CPU fused it into
+  # the halves' concatenation, one thread, element by element.)
+  rows, hit, settled = _in_halves(home_probe, lo, hi, valid)
   hist0 = jnp.zeros((PROBE_HISTOGRAM_BINS,), jnp.int32).at[0].set(jnp.sum(hit, dtype=jnp.int32))
-  order, n_more = _compact(more, chunk)
+  counting = sketch is not None and sketch.shape[0] > 0
+  # Misses settled at home (about half of them at load factor 0.5, nearly all new keys) need
+  # no further probe: they go first in ``order``, the ones to probe after them. Only the
+  # sketch, which counts every miss, makes the loop below walk the settled ones too.
+  miss = valid & ~hit
+  order, n_settled, n_probe = _compact_two(miss & settled, miss & ~settled, chunk)
+  start = jnp.zeros_like(n_settled) if counting else n_settled
+  n_more = n_settled + n_probe - start
   # Materialise the batch-wide arrays once: fused into the loops below they would be
   # recomputed on every iteration.
-  rows, settled, order, home, step, rot, tag = lax.optimization_barrier(
-      (rows, settled, order, home, step, rot, tag))
-  counting = sketch is not None and sketch.shape[0] > 0
+  rows, settled, order = lax.optimization_barrier((rows, settled, order))
 
   def chunk_body(c, carry):
     rows, hist, sketch, misses, n_misses = carry
-    i = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
+    i = lax.dynamic_slice_in_dim(order, start + c * chunk, chunk)
     inrange = c * chunk + jnp.arange(chunk) < n_more
     # The barrier keeps XLA from fusing these batch-wide gathers into the probe loop's body,
     # which re-ran them every round (measured 3.5x slower lookups on XLA:CPU).
-    clo, chi, chome, cstep, ctag, cact = lax.optimization_barrier(
-        (lo[i], hi[i], home[i], step[i], tag[i], inrange & ~settled[i]))
+    clo, chi, cact = lax.optimization_barrier((lo[i], hi[i], inrange & ~settled[i]))
+    chome, cstep, _, ctag = _hashes(spec, clo, chi)
     crow, cpos = _probe(spec, buckets, keys, clo, chi, chome, cstep, ctag, cact)
     found = inrange & (crow >= 0)
     rows = rows.at[jnp.where(found, i, n)].set(crow, mode="drop")
@@ -512,8 +542,7 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_miss
     if counting:
       sketch = admission_lib.sketch_add(sketch, clo, chi, miss)
     if collect_misses:
-      # Append this chunk's misses: the insert loop then walks only absent keys, so its
-      # chunks hold ~all new keys instead of ~all home-bucket misses.
+      # Append this chunk's misses: the insert loop then walks only absent keys.
       rank = lax.associative_scan(jnp.add, miss.astype(jnp.int32)) - 1
       at = jnp.where(miss, n_misses + rank, misses.shape[0])
       misses = misses.at[at].set(i, mode="drop", unique_indices=True)
@@ -521,12 +550,16 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_miss
     return rows, hist, sketch, misses, n_misses
 
   n_chunks = (n_more + chunk - 1) // chunk
-  misses = jnp.zeros_like(order) if collect_misses else jnp.zeros((0,), jnp.int32)
-  carry = (rows, hist0, sketch, misses, jnp.zeros_like(n_more))
+  if collect_misses:
+    # Settled misses are absent already: they stay where they are, at the head of the list.
+    misses, n_misses = order, start
+  else:
+    misses, n_misses = jnp.zeros((0,), jnp.int32), jnp.zeros_like(start)
+  carry = (rows, hist0, sketch, misses, n_misses)
   rows, hist, sketch, misses, n_misses = lax.fori_loop(0, n_chunks, chunk_body, carry)
   if collect_misses:
     order, n_more = misses, n_misses
-  return rows, hist, sketch, order, n_more, (home, step, rot, tag)
+  return rows, hist, sketch, order, n_more
 
 
 def find(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
@@ -538,7 +571,7 @@ def find(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   """
   lo, hi, v, shape = _flatten_keys(spec, keys, valid)
   chunk = chunk or _default_chunk(lo.shape[0])
-  rows, hist, _, _, _, _ = _lookup(spec, state.buckets, state.keys, lo, hi, v, chunk)
+  rows, hist, _, _, _ = _lookup(spec, state.buckets, state.keys, lo, hi, v, chunk)
   stats = _stats(spec, state.size, lookups=jnp.sum(v), hits=jnp.sum(rows >= 0),
                  probe_histogram=hist)
   return rows.reshape(shape), stats
@@ -708,14 +741,12 @@ def _chain_position(spec, lo, hi, bucket):
   return home, step, pos.astype(jnp.int32)
 
 
-def _init_rows(spec, values, slots, frequency, rows, lo, hi):
-  """Fresh values, slots and frequency for newly (re)assigned rows; rows == capacity: skip."""
+def _init_rows(spec, values, slots, rows, lo, hi):
+  """Fresh values and slots for newly (re)assigned rows; rows == capacity: skip."""
   if spec.dim:
-    values = values.at[rows].set(_initial_values(spec, lo, hi), mode="drop")
+    values = _scatter_rows(values, rows, _initial_values(spec, lo, hi))
   slots = {s.name: slots[s.name].at[rows].set(s.init, mode="drop") for s in spec.slots}
-  if frequency.shape[0]:
-    frequency = frequency.at[rows].set(0, mode="drop")
-  return values, slots, frequency
+  return values, slots
 
 
 def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
@@ -742,23 +773,29 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   if adm is not None and adm.uses_rng and rng is None:
     raise ValueError(f"hash table {spec.name!r}: its admission policy has probability "
                      f"{adm.probability} < 1, so find_or_insert needs rng=")
-  rows, hist, sketch, order, n_absent, (home, step_h, rot, tag) = _lookup(
+  rows, hist, sketch, order, n_absent = _lookup(
       spec, state.buckets, state.keys, lo, hi, v, chunk, state.sketch, collect_misses=True)
   rows, lo, hi = lax.optimization_barrier((rows, lo, hi))
   hits = jnp.sum(rows >= 0, dtype=jnp.int32)
-  last_seen = state.last_seen
-  if spec.on_full == "evict":
-    # Rows this call returns must not be replaced by later inserts of the same call.
-    last_seen = last_seen.at[jnp.where(rows >= 0, rows, spec.capacity)].set(
-        step_now, mode="drop")
+  # Metadata of the rows found. Rows new in this call are disjoint from them and get theirs
+  # in the insert loop, which then scatters chunk-wide instead of batch-wide.
+  frequency, last_seen = state.frequency, state.last_seen
+  hit_rows = jnp.where(rows >= 0, rows, spec.capacity)
+  if frequency.shape[0]:
+    frequency = frequency.at[hit_rows].add(1, mode="drop")
+  if last_seen.shape[0]:
+    # In "evict" mode this also keeps the rows this call returns from being replaced by
+    # later inserts of the same call.
+    last_seen = last_seen.at[hit_rows].set(step_now, mode="drop")
+  evicting = spec.on_full == "evict"
 
   def chunk_body(c, carry):
     tables, values, slots, rows, size, counts = carry
     i = lax.dynamic_slice_in_dim(order, c * chunk, chunk)
     absent = c * chunk + jnp.arange(chunk) < n_absent
     # Materialise the chunk before the loops (see the barrier in _lookup).
-    clo, chi, chome, cstep, crot, ctag = lax.optimization_barrier(
-        (lo[i], hi[i], home[i], step_h[i], rot[i], tag[i]))
+    clo, chi = lax.optimization_barrier((lo[i], hi[i]))
+    chome, cstep, crot, ctag = _hashes(spec, clo, chi)
     ok = admission_lib.admit(adm, sketch, clo, chi, rng)
     active = absent & ok
     eidx = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -766,25 +803,32 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
     tables, crow, pos, won, exhausted = _claim_free_slots(
         spec, tables, step_now, clo, chi, chome, cstep, crot, ctag, active, eidx, crow)
     n_failures = jnp.sum(exhausted, dtype=jnp.int32)
-    buckets, ckeys, last_seen, frequency = tables
+    buckets, ckeys, cseen, cfreq = tables
     buckets = _add_chain(spec, buckets, chome, cstep, jnp.where(won, pos, 0), +1)
     new_rows = jnp.where(won, crow, spec.capacity)
     evicted = jnp.zeros((), jnp.int32)
-    if spec.on_full == "evict":
+    if evicting:
       # No lax.cond here: XLA copies every table a conditional carries. With no full probe
       # window, the loops below run zero rounds.
-      tables = (buckets, ckeys, last_seen, frequency)
+      tables = (buckets, ckeys, cseen, cfreq)
       tables, crow, pos1, won1, _, vlo, vhi, _ = _claim_rounds(
           spec, 1, tables, step_now, clo, chi, chome, cstep, crot, ctag, exhausted, eidx, crow)
-      buckets, ckeys, last_seen, frequency = tables
+      buckets, ckeys, cseen, cfreq = tables
       vb = _bucket_at(spec, chome, cstep, pos1)
       vhome, vstep, vpos = _chain_position(spec, vlo, vhi, vb)
       buckets = _add_chain(spec, buckets, vhome, vstep, jnp.where(won1, vpos, 0), -1)
       buckets = _add_chain(spec, buckets, chome, cstep, jnp.where(won1, pos1, 0), +1)
       new_rows = jnp.where(won1, crow, new_rows)
       evicted = jnp.sum(won1, dtype=jnp.int32)
-    values, slots, frequency = _init_rows(spec, values, slots, frequency, new_rows, clo, chi)
-    tables = (buckets, ckeys, last_seen, frequency)
+    values, slots = _init_rows(spec, values, slots, new_rows, clo, chi)
+    # Every query of a key new in this call (copies share the winner's row, taken in this
+    # or an earlier chunk) counts from 0 and stamps this step.
+    got = jnp.where(absent & (crow >= 0), crow, spec.capacity)
+    if cfreq.shape[0]:
+      cfreq = cfreq.at[new_rows].set(0, mode="drop").at[got].add(1, mode="drop")
+    if cseen.shape[0] and not evicting:  # "evict" mode stamped them while claiming
+      cseen = cseen.at[got].set(step_now, mode="drop")
+    tables = (buckets, ckeys, cseen, cfreq)
     size = size + jnp.sum(won, dtype=jnp.int32)
     inserted = jnp.sum(won, dtype=jnp.int32) + evicted
     rows = rows.at[jnp.where(absent, i, n)].set(crow, mode="drop")
@@ -794,16 +838,11 @@ def find_or_insert(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
     return tables, values, slots, rows, size, counts
 
   n_chunks = (n_absent + chunk - 1) // chunk
-  tables = (state.buckets, state.keys, last_seen, state.frequency)
+  tables = (state.buckets, state.keys, last_seen, frequency)
   carry = (tables, state.values, state.slots, rows, state.size,
            jnp.zeros_like(lo, jnp.int32, shape=(5,)))
   tables, values, slots, rows, size, counts = lax.fori_loop(0, n_chunks, chunk_body, carry)
   buckets, keys_arr, last_seen, frequency = tables
-  looked_up = jnp.where(rows >= 0, rows, spec.capacity)
-  if frequency.shape[0]:
-    frequency = frequency.at[looked_up].add(1, mode="drop")
-  if last_seen.shape[0] and spec.on_full != "evict":
-    last_seen = last_seen.at[looked_up].set(step_now, mode="drop")
   new_state = HashTableState(buckets=buckets, keys=keys_arr, values=values, slots=slots,
                              frequency=frequency, last_seen=last_seen, sketch=sketch, size=size)
   stats = _stats(spec, size, lookups=jnp.sum(v), hits=hits, inserted=counts[0],
@@ -849,7 +888,7 @@ def erase(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   keys removed). Costs O(capacity): meant for occasional use, not every step.
   """
   lo, hi, v, shape = _flatten_keys(spec, keys, valid)
-  rows, hist, _, _, _, _ = _lookup(spec, state.buckets, state.keys, lo, hi, v,
+  rows, hist, _, _, _ = _lookup(spec, state.buckets, state.keys, lo, hi, v,
                                    _default_chunk(lo.shape[0]))
   remove = jnp.zeros((spec.capacity,), bool).at[jnp.where(rows >= 0, rows, spec.capacity)].set(
       True, mode="drop")
@@ -976,6 +1015,16 @@ def _gather_rows(table: jax.Array, idx: jax.Array, default: int | float = 0.0) -
   # ``default`` must be a Python scalar: the gather needs a concrete fill value.
   take = lambda i: src.at[i].get(mode="fill", fill_value=default)
   return _in_halves(take, idx).reshape(n, dim)
+
+
+def _scatter_rows(table: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+  """table with rows [n, dim] written at idx (out of range: dropped), as [dim / 8, 8] blocks
+  when dim allows, which XLA:CPU writes faster than flat rows (as in ``_gather_rows``)."""
+  cap, dim = table.shape
+  if not (dim % 8 == 0 and dim > 8):
+    return table.at[idx].set(rows, mode="drop")
+  rows = lax.optimization_barrier(rows).reshape(-1, dim // 8, 8)
+  return table.reshape(cap, dim // 8, 8).at[idx].set(rows, mode="drop").reshape(cap, dim)
 
 
 def scatter_values(state: HashTableState, rows: jax.Array, values: jax.Array) -> HashTableState:
