@@ -678,9 +678,10 @@ def test_maybe_evict_every_k_steps_or_above_load_factor():
   assert sorted(ht.export_numpy(spec, s)["keys"].tolist()) == list(range(100, 110))
 
 
-def test_large_batches_split_in_halves_match_small_batches_and_a_dict():
-  # Batches of >= 2^15 keys run the home probe and the value gather as two halves (both
-  # cores on a CPU); the rows and values must be those of small, unsplit batches and a dict.
+def test_large_batches_split_in_pieces_match_small_batches_and_a_dict():
+  # Batches of >= 2^15 keys run the home probe as eight pieces and the value gather as two
+  # halves (both cores on a CPU); the rows and values must be those of small, unsplit
+  # batches and a dict.
   n = (1 << 15) + 1000
   assert n >= ht._SPLIT_ROWS
   spec = ht.HashTableSpec(name="halves", capacity=1 << 17, dim=16)
