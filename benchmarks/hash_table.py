@@ -17,8 +17,10 @@ state (copies, and freeing every method's results, are not timed):
   probe            mean buckets visited per hit; rej: keys rejected for lack of room
 
 The dict is the mapping-alone baseline of find_or_insert (and of f_or_i dim, which does more),
-the concatenation that of +gather. The JSON also holds process CPU seconds (all threads) of
-find_or_insert, +gather, dict and concat, and their ratios: on a shared, loaded machine wall time gives the 2-thread jax calls a
+the concatenation that of +gather. The JSON also holds process CPU seconds (all
+threads) of find_or_insert, +gather, dict and concat, their ratios, and every timed call's
+milliseconds (``call_ms``: this shared machine stalls some calls by 100+ ms of system time,
+mostly on the dim-wide table; the medians are the figures): on a shared, loaded machine wall time gives the 2-thread jax calls a
 larger share of the cores than the 1-thread Python baselines, so compare the CPU ratios too.
 
 Like the other launchers, the benchmark first restarts itself under
@@ -100,8 +102,9 @@ def _workload(rng, capacity, lf, batch, new_fraction, zipf, n_batches):
   return present, batches, n_new / batch
 
 
-def _time(fn, args_fn, reps, warmup):
-  """Median wall seconds and median process CPU seconds (all threads) of the timed calls.
+def _time(fn, args_fn, reps, warmup, calls=None):
+  """Median wall seconds and median process CPU seconds (all threads) of the timed calls;
+  each call's wall milliseconds are appended to ``calls`` when given.
 
   The result is freed after the clock stops: dropping the returned copy of a 2 GiB table
   costs ~70 ms of munmap here, which a training loop (that keeps its state) never pays.
@@ -116,6 +119,8 @@ def _time(fn, args_fn, reps, warmup):
     if r >= warmup:
       ts.append(dt)
       cs.append(dc)
+  if calls is not None:
+    calls.extend(round(1000 * t, 1) for t in ts)
   return float(np.median(ts)), float(np.median(cs))
 
 
@@ -204,9 +209,10 @@ def main():
         rows, stats = ht.find(spec, st, q)
         return rows, ht.gather_values(st, rows)
       fnd_g = jax.jit(fnd_g)
-      t_foi0, c_foi0 = _time(foi0, fresh0, a.reps, a.warmup)
-      t_foi, c_foi = _time(foi, fresh, a.reps, a.warmup)
-      t_foig, c_foig = _time(foi_g, fresh, a.reps, a.warmup)
+      calls = {"find_or_insert": [], "find_or_insert_dim": [], "find_or_insert_gather": []}
+      t_foi0, c_foi0 = _time(foi0, fresh0, a.reps, a.warmup, calls["find_or_insert"])
+      t_foi, c_foi = _time(foi, fresh, a.reps, a.warmup, calls["find_or_insert_dim"])
+      t_foig, c_foig = _time(foi_g, fresh, a.reps, a.warmup, calls["find_or_insert_gather"])
       t_find, _ = _time(fnd, lambda r: (base, qs[r]), a.reps, a.warmup)
       t_findg, _ = _time(fnd_g, lambda r: (base, qs[r]), a.reps, a.warmup)
       _, _, stats = foi(*fresh(0))
@@ -218,7 +224,7 @@ def main():
            "find_gather_keys_per_s": a.batch / t_findg, "rejected": rej,
            "find_or_insert_cpu_s": c_foi0, "find_or_insert_dim_cpu_s": c_foi,
            "find_or_insert_gather_cpu_s": c_foig,
-           "probe_mean": float(stats.probe_mean)}
+           "probe_mean": float(stats.probe_mean), "call_ms": calls}
       del base
       if not a.skip_baselines:
         d0 = dict(zip(present.tolist(), range(len(present))))

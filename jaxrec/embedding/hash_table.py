@@ -505,10 +505,10 @@ def _in_halves(fn, *args):
 def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_misses=False):
   """Rows of the keys (-1 if absent), the probe histogram, and the sketch counting misses.
 
-  Also returns the keys' hashes and, with ``collect_misses``, the positions of the valid
-  queries whose key is absent, with their count (``find_or_insert`` inserts them in this
-  order: the misses settled at home first, then those found absent by the full probe, each
-  part ascending; all copies of a key fall in the same part).
+  Also returns, with ``collect_misses``, the positions of the valid queries whose key is
+  absent, with their count (``find_or_insert`` inserts them in this order: the misses
+  settled at home first, then those found absent by the full probe, each part ascending;
+  all copies of a key fall in the same part).
   """
   n = lo.shape[0]
 
@@ -905,7 +905,7 @@ def erase(spec: HashTableSpec, state: HashTableState, keys: jax.Array,
   """
   lo, hi, v, shape = _flatten_keys(spec, keys, valid)
   rows, hist, _, _, _ = _lookup(spec, state.buckets, state.keys, lo, hi, v,
-                                   _default_chunk(lo.shape[0]))
+                                _default_chunk(lo.shape[0]))
   remove = jnp.zeros((spec.capacity,), bool).at[jnp.where(rows >= 0, rows, spec.capacity)].set(
       True, mode="drop")
   state, count = _remove(spec, state, remove)
