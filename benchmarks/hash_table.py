@@ -17,11 +17,12 @@ state (copies, and freeing every method's results, are not timed):
   probe            mean buckets visited per hit; rej: keys rejected for lack of room
 
 The dict is the mapping-alone baseline of find_or_insert (and of f_or_i dim, which does more),
-the concatenation that of +gather. The JSON also holds process CPU seconds (all
-threads) of find_or_insert, +gather, dict and concat, their ratios, and every timed call's
-milliseconds (``call_ms``: this shared machine stalls some calls by 100+ ms of system time,
-mostly on the dim-wide table; the medians are the figures): on a shared, loaded machine wall time gives the 2-thread jax calls a
-larger share of the cores than the 1-thread Python baselines, so compare the CPU ratios too.
+the concatenation that of +gather. The JSON also holds process CPU seconds (all threads) of
+find_or_insert, +gather, dict and concat and their ratios: on a shared, loaded machine wall
+time gives the 2-thread jax calls a larger share of the cores than the 1-thread Python
+baselines, so compare the CPU ratios too. ``call_ms`` lists every timed call's milliseconds:
+this shared machine stalls some calls by 100+ ms of system time, mostly on the dim-wide table;
+the medians are the figures.
 
 Like the other launchers, the benchmark first restarts itself under
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 where THP is madvise-only (jaxrec/hugepages.py): glibc
@@ -173,8 +174,7 @@ def main():
         f"zipf {a.zipf}; keys/s, median of {a.reps} (dict/concat: {a.dict_reps}); "
         f"malloc huge pages {'on' if hugepages else 'off'} (THP {hugepages_lib.thp_mode()})")
   hdr = (f"{'capacity':>9} {'lf':>4} {'new%':>5} {'find':>9} {'f_or_i':>9} {'f_or_i dim':>10} "
-         f"{'f_or_i+g':>9} "
-         f"{'find+g':>9} {'dict':>9} {'concat':>9} {'probe':>6} {'rej':>7}")
+         f"{'f_or_i+g':>9} {'find+g':>9} {'dict':>9} {'concat':>9} {'probe':>6} {'rej':>7}")
   print(hdr)
   results = []
   for cap in caps:

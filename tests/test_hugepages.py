@@ -116,8 +116,8 @@ def test_opt_out_runs_once_with_small_pages(tmp_path):
   assert got["huge_kb"] == 0, got
 
 
-def test_no_restart_where_it_cannot_help(tmp_path):
-  # The user's explicit setting wins wherever this runs.
+def test_the_users_explicit_setting_wins(tmp_path):
+  # Wherever this runs: no restart, and the user's value is kept.
   got, starts = _run_child(tmp_path, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
   assert starts == 1
   assert got["tunables"] == "glibc.malloc.hugetlb=0"

@@ -444,7 +444,6 @@ def _histogram(pos: jax.Array, mask: jax.Array) -> jax.Array:
 def _probe(spec, buckets, keys, lo, hi, home, step, tag, active):
   """Full probe: until found, a bucket nobody passed, or the window's end. (row, position)."""
   limit = spec.probe_limit
-  n = lo.shape[0]
 
   def cond(c):
     return jnp.any(c[0])
@@ -466,40 +465,31 @@ def _probe(spec, buckets, keys, lo, hi, home, step, tag, active):
   return row, pos
 
 
-# Batch-wide gathers of at least this many rows run as two independent halves: XLA:CPU runs
-# one gather (and the loop fusion around it) on one thread, two of them on both cores (10^6
-# rows of 64 floats from 2^23: 99 -> 39 ms). On a GPU the halves cost what the whole does.
+# Batch-wide work on at least this many rows runs as independent pieces (``_in_parts``):
+# XLA:CPU runs one gather (and the loop fusion around it) on one thread, separate pieces on
+# both cores (10^6 rows of 64 floats from 2^23: 99 -> 39 ms as two halves). On a GPU the
+# pieces cost what the whole does.
 _SPLIT_ROWS = 1 << 15
 
 
-def _in_parts(fn, *args, parts: int = 8):
-  """``fn(*args)`` on [n, ...] arrays as ``parts`` independent pieces when n is large.
+def _in_parts(fn, *args, parts: int):
+  """``fn(*args)`` on [n, ...] arrays as ``parts`` independent pieces when n is large, each
+  behind an optimization barrier (the measured form; XLA:CPU expands barriers before fusion,
+  so a barrier alone does not keep a piece out of a consumer's loop).
 
   XLA:CPU's thunk executor hands ready work to a second thread only while more than eight
-  thunks are ready at once (ThunkExecutor's split threshold), so two halves often still run
-  one after the other; eight pieces keep both cores busy (the home probe of 10^6 keys:
-  about 30 -> 15 ms). Not for the value gather: there the pieces made some calls 5x slower.
-  """
-  n = args[0].shape[0]
-  if n < _SPLIT_ROWS:
-    return fn(*args)
-  bounds = [n * k // parts for k in range(parts + 1)]
-  outs = [fn(*[x[bounds[k]:bounds[k + 1]] for x in args]) for k in range(parts)]
-  return jax.tree.map(lambda *u: jnp.concatenate(u, axis=0), *outs)
-
-
-def _in_halves(fn, *args):
-  """``fn(*args)`` on [n, ...] arrays, materialised, as two independent halves when n is large.
-
-  The barriers keep each result a separate loop: fused into a consumer (a select, or the
-  halves' concatenation) XLA:CPU would run it element by element again, or as one loop.
+  thunks are ready at once (ThunkExecutor's split threshold), so two halves of a long chain
+  of work often still run one after the other: the home probe of 10^6 keys takes about 30 ms
+  as two halves and 15 ms as eight pieces. A single gather is fine as two halves, and in
+  eight pieces the value gather made some calls 5x slower.
   """
   n = args[0].shape[0]
   if n < _SPLIT_ROWS:
     return lax.optimization_barrier(fn(*args))
-  a = lax.optimization_barrier(fn(*[x[:n // 2] for x in args]))
-  b = lax.optimization_barrier(fn(*[x[n // 2:] for x in args]))
-  return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+  bounds = [n * k // parts for k in range(parts + 1)]
+  outs = [lax.optimization_barrier(fn(*[x[bounds[k]:bounds[k + 1]] for x in args]))
+          for k in range(parts)]
+  return jax.tree.map(lambda *u: jnp.concatenate(u, axis=0), *outs)
 
 
 def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_misses=False):
@@ -528,7 +518,7 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_miss
   # is cheaper than joining and gathering four more batch-wide arrays. (Returning ``hit``
   # keeps the key gather a loop of its own: with rows its only user, XLA:CPU fused it into
   # the pieces' concatenation, one thread, element by element.)
-  rows, hit, settled = _in_parts(home_probe, lo, hi, valid)
+  rows, hit, settled = _in_parts(home_probe, lo, hi, valid, parts=8)
   hist0 = jnp.zeros((PROBE_HISTOGRAM_BINS,), jnp.int32).at[0].set(jnp.sum(hit, dtype=jnp.int32))
   counting = sketch is not None and sketch.shape[0] > 0
   # Misses settled at home (about half of them at load factor 0.5, nearly all new keys) need
@@ -546,9 +536,11 @@ def _lookup(spec, buckets, keys, lo, hi, valid, chunk, sketch=None, collect_miss
     rows, hist, sketch, misses, n_misses = carry
     i = lax.dynamic_slice_in_dim(order, start + c * chunk, chunk)
     inrange = c * chunk + jnp.arange(chunk) < n_more
+    # Without a sketch the chunks hold only keys to probe; with one, settled misses too.
+    cact = inrange & ~settled[i] if counting else inrange
     # The barrier keeps XLA from fusing these batch-wide gathers into the probe loop's body,
     # which re-ran them every round (measured 3.5x slower lookups on XLA:CPU).
-    clo, chi, cact = lax.optimization_barrier((lo[i], hi[i], inrange & ~settled[i]))
+    clo, chi, cact = lax.optimization_barrier((lo[i], hi[i], cact))
     chome, cstep, _, ctag = _hashes(spec, clo, chi)
     crow, cpos = _probe(spec, buckets, keys, clo, chi, chome, cstep, ctag, cact)
     found = inrange & (crow >= 0)
@@ -1011,11 +1003,12 @@ def gather_values(state: HashTableState, rows: jax.Array, default: float = 0.0) 
   """[..., dim] values of ``rows``; rows of -1 read ``default``."""
   cap, dim = state.values.shape
   flat = rows.reshape(-1)
-  idx = jnp.where(flat >= 0, flat, cap)
+  ok = flat >= 0
+  idx = jnp.where(ok, flat, cap)
   if isinstance(default, (int, float)):   # a constant default is the gather's own fill
     out = _gather_rows(state.values, idx, default)
   else:                                    # a traced one is selected in afterwards
-    out = jnp.where((flat >= 0)[:, None], _gather_rows(state.values, idx),
+    out = jnp.where(ok[:, None], _gather_rows(state.values, idx),
                     jnp.asarray(default, state.values.dtype))
   return out.reshape(*rows.shape, dim)
 
@@ -1030,7 +1023,7 @@ def _gather_rows(table: jax.Array, idx: jax.Array, default: int | float = 0.0) -
   src = table.reshape(cap, dim // 8, 8) if tiled else table
   # ``default`` must be a Python scalar: the gather needs a concrete fill value.
   take = lambda i: src.at[i].get(mode="fill", fill_value=default)
-  return _in_halves(take, idx).reshape(n, dim)
+  return _in_parts(take, idx, parts=2).reshape(n, dim)
 
 
 def _scatter_rows(table: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
