@@ -673,8 +673,8 @@ def test_warm_start_with_changed_features_through_the_cli(tmp_path):
     np.testing.assert_array_equal(new_slots[name]["acc"], old_slots[name]["acc"])
   for name in ("t_C4", "t_C5"):
     np.testing.assert_array_equal(new_tabs[name], fresh_tabs[name])
-  np.testing.assert_array_equal(np.asarray(r.state.params["bottom"]["layers"][0]["kernel"].value),
-                                np.asarray(state.params["bottom"]["layers"][0]["kernel"].value))
+  np.testing.assert_array_equal(np.asarray(r.state.params["bottom"]["layers"][0]["kernel"][...]),
+                                np.asarray(state.params["bottom"]["layers"][0]["kernel"][...]))
   # The warm-started state trains.
   s, m = t2.step(r.state, 5)
   assert np.isfinite(float(m["loss"]))

@@ -40,7 +40,7 @@ def hop(workdir: str):
       np.testing.assert_array_equal(tabs[name], want[f"t/{name}"])
       np.testing.assert_array_equal(slots[name]["acc"], want[f"s/{name}"])
     np.testing.assert_array_equal(
-        np.asarray(r.state.params["top"]["layers"][0]["kernel"].value), want["kernel"])
+        np.asarray(r.state.params["top"]["layers"][0]["kernel"][...]), want["kernel"])
   step = 0 if r.step is None else r.step + 1
   state = r.state
   for k in range(2):  # a full version (the layout changed) and an increment on top
@@ -50,7 +50,7 @@ def hop(workdir: str):
     step += 1
   ck.wait_until_finished()
   tabs, slots = run.emb.to_dense(state.emb)
-  np.savez(ref, kernel=np.asarray(state.params["top"]["layers"][0]["kernel"].value),
+  np.savez(ref, kernel=np.asarray(state.params["top"]["layers"][0]["kernel"][...]),
            **{f"t/{k}": v for k, v in tabs.items()},
            **{f"s/{k}": v["acc"] for k, v in slots.items()})
   kinds = [v.kind for v in ck.versions()][-2:]

@@ -362,25 +362,44 @@ def _wait_for_new_segment(path, old, proc) -> float:
     time.sleep(0.005)
 
 
-def _kill_trials(base_store, trials: int, seed: int) -> dict:
-  rng = random.Random(seed)
+def _segment_chunks(path, old) -> int:
+  """How many label chunks the new segment holds so far (the writer's progress)."""
+  segs = set(os.listdir(os.path.join(path, "segments"))) - old
+  return sum(len(glob.glob(os.path.join(path, "segments", s, "labels", "c", "*"))) for s in segs)
+
+
+def _kill_trials(base_store, kill_points) -> dict:
+  """Runs one ingest per kill point and kills it there with SIGKILL.
+
+  A kill point is ("chunks", k): as soon as k label chunks of the new segment are on disk, which
+  is inside the write phase whatever the machine's speed; or ("time", f): f times the reference
+  append's write phase after the segment appears (anywhere, including around the commit). The
+  writer is first frozen (SIGSTOP) and HEAD read, so each trial knows whether the commit had
+  happened when it died and checks the store against exactly that."""
   outcome = {"before": 0, "after": 0}
-  for t in range(trials):
-    path = str(base_store["dir"] / f"trial_{seed}_{t}")
+  for t, (kind, arg) in enumerate(kill_points):
+    path = str(base_store["dir"] / f"trial_{kind}_{arg}_{t}")
     shutil.copytree(base_store["base"], path)
     old = set(os.listdir(os.path.join(path, "segments")))
     proc = subprocess.Popen(_ingest_cmd(path, _BASE_ROWS, _APPEND_ROWS), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_new_segment(path, old, proc)
-    # Anywhere in the writing phase, and (last trials) around the commit itself.
-    frac = rng.uniform(0.0, 0.9) if t < trials - 1 else rng.uniform(0.85, 1.1)
-    time.sleep(frac * base_store["write_s"])
+    if kind == "chunks":
+      while _segment_chunks(path, old) < arg and proc.poll() is None:
+        time.sleep(0.002)
+    else:
+      time.sleep(arg * base_store["write_s"])
+    os.kill(proc.pid, signal.SIGSTOP)
+    committed = (open(os.path.join(path, "HEAD"), "rb").read() != base_store["before"]["HEAD"])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    if kind == "chunks":
+      assert not committed, f"trial {t}: the append committed before {arg} chunks were seen"
     store = FeatureStore(path)
     head = store.head()
-    if head.version == 1:
+    if not committed:
       outcome["before"] += 1
+      assert head.version == 1, f"trial {t}: HEAD moved after the writer was frozen"
       assert (open(os.path.join(path, "HEAD"), "rb").read()
               == base_store["before"]["HEAD"]), "HEAD changed without a commit"
       assert_batches_equal(store.open().read(), base_store["want_before"], f"trial {t}")
@@ -395,14 +414,20 @@ def _kill_trials(base_store, trials: int, seed: int) -> dict:
 
 
 def test_kill9_during_ingest_leaves_store_as_before(base_store):
-  outcome = _kill_trials(base_store, trials=3, seed=0)
+  # Mid-write by progress (always before the commit), then a random time, then around the commit.
+  rng = random.Random(0)
+  points = [("chunks", 2), ("time", rng.uniform(0.0, 0.9)), ("time", rng.uniform(0.85, 1.1))]
+  outcome = _kill_trials(base_store, points)
   print(f"kill -9 trials: {outcome}, write phase {base_store['write_s']:.2f}s")
   assert outcome["before"] >= 1, outcome
 
 
 @pytest.mark.slow
 def test_kill9_during_ingest_many_trials(base_store):
-  outcome = _kill_trials(base_store, trials=20, seed=1)
+  rng = random.Random(1)
+  points = ([("chunks", rng.randint(1, _APPEND_ROWS // 1000 - 1)) for _ in range(10)]
+            + [("time", rng.uniform(0.0, 1.1)) for _ in range(10)])
+  outcome = _kill_trials(base_store, points)
   print(f"kill -9 trials: {outcome}, write phase {base_store['write_s']:.2f}s")
   assert outcome["before"] >= 10, outcome
 
