@@ -457,9 +457,11 @@ def test_concurrent_reader_never_sees_partial_append(base_store):
   for kill in (True, False):
     proc = subprocess.Popen(_ingest_cmd(path, _BASE_ROWS, _APPEND_ROWS), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if kill:
-      _wait_for_new_segment(path, set(os.listdir(os.path.join(path, "segments"))), proc)
-      time.sleep(0.5 * base_store["write_s"])
+    if kill:  # half way by progress (20 of 40 label chunks), so never after its commit
+      old = set(os.listdir(os.path.join(path, "segments")))
+      _wait_for_new_segment(path, old, proc)
+      while _segment_chunks(path, old) < _APPEND_ROWS // 2000 and proc.poll() is None:
+        time.sleep(0.002)
       os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=300)
   deadline = time.time() + 60
