@@ -25,6 +25,65 @@ def test_deterministic_and_random_access():
   assert (c.ids != a.ids).mean() > 0.5
 
 
+def _fresh(config, start, stop):
+  """Examples [start, stop) straight from the block generator, no cache involved."""
+  g = SyntheticCriteo(config)
+  bs = config.block_size
+  blocks = [g._block(k) for k in range(start // bs, (stop - 1) // bs + 1)]
+  whole = {f: np.concatenate([getattr(b, f) for b, _ in blocks])
+           for f in ("dense", "ids", "mask", "labels")}
+  whole["prob"] = np.concatenate([p for _, p in blocks])
+  off = start // bs * bs
+  return {f: x[start - off:stop - off] for f, x in whole.items()}
+
+
+def test_block_cache_gives_what_the_generator_makes_and_callers_cannot_spoil_it():
+  config = small_config(seed=5, scale=0.1, max_ids=(3,) + (1,) * 25, drift=1e-3)
+  g = SyntheticCriteo(config)
+  # Batches smaller than a block, straddling blocks, revisited out of order, beyond the cache.
+  ranges = [(0, 1000), (1000, 2000), (3900, 4300), (100, 200), (20000, 20100), (0, 4096),
+            (9000, 17000), (4095, 4097), (500, 500)]
+  for start, stop in ranges:
+    got, prob = g.examples(start, stop, with_prob=True)
+    want = _fresh(config, start, stop)
+    for f in ("dense", "ids", "mask", "labels"):
+      np.testing.assert_array_equal(getattr(got, f), want[f], err_msg=f"{f} [{start}, {stop})")
+    np.testing.assert_array_equal(prob, want["prob"])
+    # Whatever a caller does to its batch stays in its batch.
+    got.labels[:] = -1.0
+    got.ids[:] = 7
+    got.dense[:] = np.nan
+    prob[:] = 2.0
+  again = g.examples(0, 1000)
+  np.testing.assert_array_equal(again.ids, _fresh(config, 0, 1000)["ids"])
+  assert len(g._cache) <= g._CACHED_BLOCKS
+
+
+def test_threads_reading_the_stream_at_once_get_the_serial_answer():
+  import threading
+  config = small_config(seed=6, scale=0.1)
+  g = SyntheticCriteo(config)
+  starts = [i * 700 for i in range(40)]
+  out, errors = {}, []
+
+  def read(offset):
+    try:
+      for st in starts[offset::4]:
+        out[st] = g.examples(st, st + 700).ids
+    except BaseException as e:  # noqa: BLE001
+      errors.append(e)
+
+  threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors[0]
+  serial = _fresh(config, 0, starts[-1] + 700)["ids"]
+  for st in starts:
+    np.testing.assert_array_equal(out[st], serial[st:st + 700], err_msg=f"start {st}")
+
+
 def test_shapes_ids_are_64_bit_hashes_and_dense_heavy_tailed():
   g = SyntheticCriteo(SyntheticConfig(seed=0))       # Criteo-Kaggle cardinalities
   b = g.examples(0, 20000)

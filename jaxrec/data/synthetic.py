@@ -27,9 +27,11 @@ so new IDs keep entering the head and old ones fade, as in a real ads stream.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from typing import Iterator, Sequence
+import threading
+from typing import Iterator
 
 import numpy as np
 
@@ -146,6 +148,15 @@ class SyntheticCriteo:
     self._dense_mean = np.log1p(sample).mean(0)
     self._dense_std = np.log1p(sample).std(0) + 1e-6
     self._salts = [int(hashing.feature_salt(f)) for f in range(c.num_features)]
+    # The last few blocks made: a batch smaller than a block (the quick start reads 1,024 of
+    # 4,096), or a process's rows of each global batch, would otherwise regenerate the whole
+    # block for every slice of it. Shared by the threads that read the stream (training
+    # prefetch, evaluation); callers get copies, so nothing they do reaches the cache.
+    self._cache: collections.OrderedDict[int, tuple[Batch, np.ndarray]] = (
+        collections.OrderedDict())
+    self._cache_lock = threading.Lock()
+
+  _CACHED_BLOCKS = 4
 
   # ---- pieces of the generator ---------------------------------------------------------------
 
@@ -236,6 +247,20 @@ class SyntheticCriteo:
         parts["conversion_given_click"] = q
     return Batch(dense.astype(np.float32), ids, mask, labels), prob.astype(np.float32)
 
+  def _cached_block(self, block: int) -> tuple[Batch, np.ndarray]:
+    with self._cache_lock:
+      hit = self._cache.get(block)
+      if hit is not None:
+        self._cache.move_to_end(block)
+        return hit
+    made = self._block(block)     # outside the lock: two threads may make two blocks at once
+    with self._cache_lock:
+      self._cache[block] = made
+      self._cache.move_to_end(block)
+      while len(self._cache) > self._CACHED_BLOCKS:
+        self._cache.popitem(last=False)
+    return made
+
   # ---- public API -------------------------------------------------------------------------------
 
   def examples(self, start: int, stop: int, with_prob: bool = False):
@@ -245,14 +270,14 @@ class SyntheticCriteo:
     bs = self.config.block_size
     parts, probs = [], []
     for blk in range(start // bs, (stop + bs - 1) // bs):
-      b, p = self._block(blk)
+      b, p = self._cached_block(blk)
       lo, hi = max(start - blk * bs, 0), min(stop - blk * bs, bs)
       parts.append(b.slice(lo, hi))
       probs.append(p[lo:hi])
     if not parts:
-      b, p = self._block(0)
+      b, p = self._cached_block(0)
       parts, probs = [b.slice(0, 0)], [p[:0]]
-    batch = Batch.concat(parts) if len(parts) > 1 else parts[0]
+    batch = Batch.concat(parts)   # a copy even of one part: the cached block stays as made
     return (batch, np.concatenate(probs)) if with_prob else batch
 
   def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
