@@ -15,7 +15,7 @@ def pytest_collection_modifyitems(config, items):
   xdist's default ("load") scheduler hands each worker its first tests as one contiguous chunk
   of the collection (a quarter of its share, 40-odd tests here), so a fixture's tests placed side
   by side at the front run on one worker and build the fixture once; left where they are, they
-  are often split and every worker builds it (the ablation grid, a training run: 20-30 s each).
+  are often split and every worker builds it (the ablation grid took 22 s on each worker).
   xdist's own grouping (--dist=loadgroup) does not take with pytest 9.2, which no longer reads
   the renamed node ids it relies on. Without xdist the order changes nothing but the order."""
   def shared(item):

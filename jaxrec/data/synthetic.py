@@ -123,6 +123,8 @@ class SyntheticConfig:
 class SyntheticCriteo:
   """The stream. ``examples(start, stop)`` gives any range; ``batches`` iterates."""
 
+  _CACHED_BLOCKS = 4
+
   def __init__(self, config: SyntheticConfig = SyntheticConfig()):
     self.config = c = config
     self.layout = c.layout
@@ -155,8 +157,6 @@ class SyntheticCriteo:
     self._cache: collections.OrderedDict[int, tuple[Batch, np.ndarray]] = (
         collections.OrderedDict())
     self._cache_lock = threading.Lock()
-
-  _CACHED_BLOCKS = 4
 
   # ---- pieces of the generator ---------------------------------------------------------------
 
