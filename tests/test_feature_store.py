@@ -455,10 +455,10 @@ def test_concurrent_reader_never_sees_partial_append(base_store):
   th.start()
   # One append killed half way, then one that completes, while the reader keeps reading.
   for kill in (True, False):
+    old = set(os.listdir(os.path.join(path, "segments")))
     proc = subprocess.Popen(_ingest_cmd(path, _BASE_ROWS, _APPEND_ROWS), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kill:  # half way by progress (20 of 40 label chunks), so never after its commit
-      old = set(os.listdir(os.path.join(path, "segments")))
       _wait_for_new_segment(path, old, proc)
       while _segment_chunks(path, old) < _APPEND_ROWS // 2000 and proc.poll() is None:
         time.sleep(0.002)
