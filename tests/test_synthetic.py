@@ -1,5 +1,7 @@
 """The synthetic stream: determinism, random access, heavy tails, drift, bags, planted truth."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,6 @@ def test_block_cache_gives_what_the_generator_makes_and_callers_cannot_spoil_it(
 
 
 def test_threads_reading_the_stream_at_once_get_the_serial_answer():
-  import threading
   config = small_config(seed=6, scale=0.1)
   g = SyntheticCriteo(config)
   starts = [i * 700 for i in range(40)]
